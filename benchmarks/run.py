@@ -1,0 +1,183 @@
+"""Performance harness: ``python benchmarks/run.py [--quick] [--only SECTION ...]``.
+
+Prints ONE JSON object on stdout, ``{section: {...}}``; progress goes to stderr.
+Each section is a function ``(args) -> dict`` registered in ``SECTIONS``; add yours
+(``train``, ``grpo``, ``reward``, ``quickstart``) the same way. Timings are medians
+of repeated calls after warm-up, on CPU float32 unless a section says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from refrl.data.schema import REFERENCE_TYPES, LoadedSample
+from refrl.models.tiny_dit import TinyDiTConfig
+from refrl.models.tiny_dit_policy import TinyDiTPolicy
+from refrl.models.tokenizer import WordTokenizer
+
+MATMUL_SIZES = (1024, 2048)
+ROLLOUT_N_REFS = (1, 3, 5, 7)
+ROLLOUT_BATCH = {"full": 32, "quick": 8}
+REPEATS = {"full": 10, "quick": 3}
+WARMUP = 2
+# Targets of the reference-KV-cache issue: a cached step barely grows with the number
+# of references, and the cache saves most of the work at 7 references.
+TARGET_CACHED_7_OVER_1 = 1.6
+TARGET_UNCACHED_7_OVER_CACHED_7 = 4.0
+CELLS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = WARMUP) -> float:
+    return interleaved_median_ms({"fn": fn}, repeats, warmup)["fn"]
+
+
+def interleaved_median_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = WARMUP) -> dict[str, float]:
+    """Median wall time of each function, calls interleaved so that a burst of load
+    from other processes hits all of them alike (their ratios stay meaningful)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+# -- machine ----------------------------------------------------------------------------
+
+
+def machine_section(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        # other processes on the machine distort every timing below; report them
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    for n in MATMUL_SIZES:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        ms = median_ms(lambda a=a, b=b: a @ b, REPEATS[args.mode])
+        out[f"matmul_{n}_gflops"] = round(2 * n**3 / ms / 1e6, 1)
+        log(f"matmul {n}: {out[f'matmul_{n}_gflops']} GFLOP/s")
+    return out
+
+
+# -- rollout: velocity step with and without the reference KV cache ---------------------
+
+
+def rollout_prompt(n_refs: int) -> str:
+    """A RefWorld-like prompt naming every reference ("image k") with an instruction."""
+    parts = []
+    for k in range(1, n_refs + 1):
+        ref_type = REFERENCE_TYPES[(k - 1) % len(REFERENCE_TYPES)]
+        parts.append(f"use the {ref_type} of image {k} at the {CELLS[(k - 1) % len(CELLS)]}")
+    return ", ".join(parts)
+
+
+def rollout_samples(n_refs: int, batch: int, size: int) -> list[LoadedSample]:
+    g = torch.Generator().manual_seed(n_refs)
+    types = [REFERENCE_TYPES[k % len(REFERENCE_TYPES)] for k in range(n_refs)]
+    return [
+        LoadedSample(f"bench-{n_refs}-{i}", rollout_prompt(n_refs), [torch.rand(3, size, size, generator=g) for _ in types], list(types))
+        for i in range(batch)
+    ]
+
+
+def rollout_section(args: argparse.Namespace) -> dict[str, Any]:
+    batch, repeats = ROLLOUT_BATCH[args.mode], REPEATS[args.mode]
+    words = [rollout_prompt(max(ROLLOUT_N_REFS))]
+    torch.manual_seed(0)
+    policy = TinyDiTPolicy(WordTokenizer.from_words(words), TinyDiTConfig()).eval()
+    with torch.no_grad():  # zero-initialised gates would skip nothing, but give realistic values anyway
+        for p in policy.net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    cfg = policy.config
+    out: dict[str, Any] = {"batch": batch, "config": {k: getattr(cfg, k) for k in ("width", "depth", "patch", "ref_patch", "ref_size")}}
+    out["params_m"] = round(cfg.param_count() / 1e6, 2)
+    rows = {}
+    for n_refs in ROLLOUT_N_REFS:
+        samples = rollout_samples(n_refs, batch, cfg.ref_size)
+        x, sigma = torch.randn(batch, 3, cfg.image_size, cfg.image_size), torch.rand(batch)
+        row: dict[str, Any] = {}
+        with torch.inference_mode():
+            policy.use_ref_cache = True
+            row["encode_ms"] = round(median_ms(lambda s=samples: policy.encode_condition(s), repeats), 2)
+            cond = policy.encode_condition(samples)
+            n_text = cond.inputs.text_ids.shape[1]
+            policy.use_ref_cache = False
+            raw = policy.encode_condition(samples)
+
+            def step(c, cached: bool):
+                policy.use_ref_cache = cached
+                return policy.velocity(x, sigma, c)
+
+            timed = interleaved_median_ms({"cached": lambda: step(cond, True), "uncached": lambda: step(raw, False)}, repeats)
+            row["cached_ms"], row["uncached_ms"] = timed["cached"], timed["uncached"]
+        row["text_tokens"] = n_text
+        row["condition_tokens"] = cfg.condition_tokens(n_refs, n_text)
+        for mode, include in (("cached", False), ("uncached", True)):
+            flops = batch * cfg.flops_per_sample(n_refs, n_text, include_condition=include)
+            row[f"{mode}_gflops"] = round(flops / row[f"{mode}_ms"] / 1e6, 1)
+            row[f"{mode}_ms"] = round(row[f"{mode}_ms"], 2)
+        log(f"rollout n_refs={n_refs}: {row}")
+        rows[str(n_refs)] = row
+    policy.use_ref_cache = True
+    out["per_n_refs"] = rows
+    c7_c1 = rows["7"]["cached_ms"] / rows["1"]["cached_ms"]
+    u7_c7 = rows["7"]["uncached_ms"] / rows["7"]["cached_ms"]
+    out["cached_7_over_cached_1"] = round(c7_c1, 3)
+    out["uncached_7_over_cached_7"] = round(u7_c7, 3)
+    out["targets"] = {
+        "cached_7_over_cached_1": f"<= {TARGET_CACHED_7_OVER_1}",
+        "uncached_7_over_cached_7": f">= {TARGET_UNCACHED_7_OVER_CACHED_7}",
+        "met": c7_c1 <= TARGET_CACHED_7_OVER_1 and u7_c7 >= TARGET_UNCACHED_7_OVER_CACHED_7,
+    }
+    return out
+
+
+# Sections in output order. The SFT engineer adds "train"; later "grpo", "reward", "quickstart".
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "machine": machine_section,
+    "rollout": rollout_section,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repeats")
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
+    args = parser.parse_args(argv)
+    args.mode = "quick" if args.quick else "full"
+    results: dict[str, Any] = {"mode": args.mode}
+    for name, section in SECTIONS.items():
+        if args.only and name not in args.only:
+            continue
+        log(f"section {name} ...")
+        start = time.perf_counter()
+        results[name] = section(args)
+        results[name]["section_s"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The ``refrl`` command line: one typer app.
+
+Imports of heavy modules happen inside commands so ``refrl --help`` is instant.
+User errors (``RefrlError``) are printed as one line with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="refrl",
+    help="Train and evaluate reference-guided image generators: SFT, then GRPO with reward shaping.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Datasets: generate RefWorld, validate manifests, import other layouts.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    """Print one readable error line and exit."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("refworld")
+def data_refworld(
+    out: Annotated[Path, typer.Option(help="Output folder (manifest <split>.jsonl + PNGs).")],
+    n: Annotated[int, typer.Option(help="Number of samples.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).")] = 0,
+    split: Annotated[str, typer.Option(help="train | val | test (test uses unseen subject identities).")] = "train",
+    size: Annotated[int, typer.Option(help="Image size in pixels (32 or 64).")] = 32,
+    categories: Annotated[str | None, typer.Option(help="Comma-separated categories (default: all).")] = None,
+    max_refs: Annotated[int, typer.Option(help="Maximum references per sample (1-7).")] = 7,
+    level: Annotated[int | None, typer.Option(help="Difficulty 0-2 (0: solid colours, plain backgrounds).")] = None,
+    preview: Annotated[bool, typer.Option(help="Also write preview.png (first 8 samples).")] = True,
+) -> None:
+    """Generate RefWorld multi-reference composition tasks (deterministic from the seed)."""
+    from refrl.data.refworld import generate_refworld_to_disk
+
+    cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
+    manifest = generate_refworld_to_disk(
+        out, n=n, seed=seed, split=split, size=size, categories=cats, max_refs=max_refs, level=level
+    )
+    typer.echo(f"wrote {n} samples: {manifest}")
+    if preview:
+        from refrl.data.manifest import load_manifest
+        from refrl.data.refworld import write_preview_grid
+
+        path = Path(out) / "preview.png"
+        write_preview_grid(load_manifest(manifest)[:8], path)
+        typer.echo(f"preview: {path}")
+
+
+@data_app.command("validate")
+def data_validate(
+    manifest: Annotated[Path, typer.Argument(help="A JSONL manifest.")],
+    skip_invalid: Annotated[bool, typer.Option(help="Report invalid lines but exit 0 if at least one line is valid.")] = False,
+) -> None:
+    """Check every line and every image of a manifest; exit 0 only if all are valid."""
+    from refrl.data.manifest import format_report, validate_manifest
+
+    report = validate_manifest(manifest, skip_invalid=skip_invalid)
+    for line in report.errors:
+        typer.secho(line, err=True, fg=typer.colors.RED)
+    typer.echo(format_report(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("import")
+def data_import(
+    kind: Annotated[str, typer.Argument(help="diffsynth | hf | dreambench")],
+    src: Annotated[str, typer.Argument(help="Source file, folder, or (hf) dataset id / saved folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder for the manifest (and copied images).")],
+    split: Annotated[str, typer.Option(help="Dataset split (hf only).")] = "train",
+    root: Annotated[Path | None, typer.Option(help="diffsynth: folder the image paths are relative to.")] = None,
+    k: Annotated[int | None, typer.Option(help="dreambench: subject images per sample (default all).")] = None,
+    unique_token: Annotated[str, typer.Option(help="dreambench: token before the class word, e.g. sks.")] = "",
+    link: Annotated[str, typer.Option(help="hardlink | copy | symlink images into --out.")] = "hardlink",
+    max_rows: Annotated[int | None, typer.Option(help="hf: import at most N rows.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing manifest.")] = False,
+) -> None:
+    """Import the DyRef/DiffSynth layout, a Hugging Face dataset, or DreamBench into a manifest."""
+    from refrl.data.importers import import_command
+
+    res = import_command(kind, src, out, root=root, split=split, k=k, unique_token=unique_token, link=link,
+                         max_rows=max_rows, overwrite=force)
+    typer.echo(f"wrote {res.n_samples} samples: {res.manifest}")
+    if res.report is not None and not res.report.ok:
+        for line in res.report.errors:
+            typer.secho(line, err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- training
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML preset (see configs/).")]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=1e-4")]
+
+
+@app.command("sft")
+def sft(
+    config: ConfigOpt = Path("configs/tiny-cpu-sft.yaml"),
+    overrides: OverridesArg = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override the number of steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint.")] = False,
+) -> None:
+    """Stage 1: supervised fine-tuning (rectified-flow loss) of a policy."""
+    from refrl.config import load_config
+    from refrl.train.sft import SFTConfig, train_sft
+
+    extra = list(overrides or [])
+    if steps is not None:
+        extra.append(f"steps={steps}")
+    if seed is not None:
+        extra.append(f"seed={seed}")
+    cfg = load_config(SFTConfig, config, extra)
+    out = out or Path("runs") / Path(config).stem
+    path = train_sft(cfg, out, resume=resume)
+    typer.echo(f"checkpoint: {path}")
+
+
+@app.command("generate")
+def generate_cmd(
+    ckpt: Annotated[str, typer.Option(help="tiny-sft, a run folder or a checkpoint folder.")],
+    manifest: Annotated[Path, typer.Option(help="JSONL manifest of samples to generate for.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    steps: Annotated[int, typer.Option(help="ODE steps.")] = 20,
+    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")] = 2.0,
+    seed: Annotated[int, typer.Option(help="Seed; sample i uses noise (seed, i).")] = 0,
+) -> None:
+    """ODE sampling with classifier-free guidance; writes PNGs and grid.png (refs -> output -> target)."""
+    from refrl.data.manifest import load_manifest
+    from refrl.generate import generate
+
+    samples = load_manifest(manifest)
+    if limit is not None:
+        samples = samples[:limit]
+    paths = generate(ckpt, samples, out, steps=steps, cfg_scale=cfg, seed=seed)
+    typer.echo(f"wrote {len(paths)} images and {out / 'grid.png'}")
+
+
+# --------------------------------------------------------------------------- quickstart
+
+
+@app.command("quickstart")
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """The main job on the embedded default, end to end; prints where the report is."""
+    from refrl.quickstart import run_quickstart
+
+    run_quickstart(out, seed=seed)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and a non-zero exit."""
+    import click
+
+    from refrl.errors import RefrlError
+
+    try:
+        app(standalone_mode=False)
+    except RefrlError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(EXIT_USER_ERROR)
+    except click.exceptions.Abort:
+        typer.secho("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

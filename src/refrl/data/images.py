@@ -1,0 +1,239 @@
+"""Image files <-> float tensors.
+
+Every image in refrl is a float32 tensor (3, H, W) in [0, 1]; masks are (1, H, W).
+`from_pil` is the single place where PIL's many modes become that tensor:
+
+* ``1``, ``L``, ``RGB`` (and ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX`` through
+  PIL's own RGB conversion): 8-bit values / 255, grey replicated to 3 channels.
+* ``I;16`` (all byte orders): values / 65535.
+* ``I`` (32-bit int): values in [0, 65535] are read as 16-bit data (/ 65535) — this is
+  how Pillow hands over 16-bit TIFF and PGM files; anything outside that range is
+  min-max scaled to [0, 1] (a constant image becomes 0).
+* ``F`` (32-bit float): values already in [0, 1] are kept; otherwise min-max scaled;
+  NaN becomes 0.
+* Alpha (``LA``, ``RGBA``, ``PA``, ``P`` with a transparency key, premultiplied
+  ``La``/``RGBa``) is composited on a white background: a transparent reference
+  image then looks like a cut-out on a plain page, not a black silhouette.
+
+JPEG photos carry their rotation in EXIF; `load_image` applies it so the tensor
+is the image a viewer shows.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from refrl.errors import RefrlError
+
+# The colour transparent pixels are composited on (1.0 = white).
+ALPHA_BACKGROUND = 1.0
+# Full scale of the 8- and 16-bit integer modes.
+UINT8_MAX = 255.0
+UINT16_MAX = 65535.0
+# Resampling for `size=`: bicubic with antialiasing for images, nearest for masks
+# (a binary mask stays binary).
+IMAGE_RESIZE_MODE = "bicubic"
+MASK_RESIZE_MODE = "nearest"
+# ITU-R 601-2 luma, the weights PIL uses for RGB -> L; masks stored as RGB use it.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# Modes PIL converts to RGB itself (no alpha, 8 bits per channel).
+_PIL_TO_RGB_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
+# Exceptions PIL raises for missing, truncated, corrupt or oversized files.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+Size = int | tuple[int, int]
+# ImageReadError.reason for a path with no file behind it.
+MISSING_FILE = "file not found"
+
+
+class ImageReadError(RefrlError):
+    """An image file that is missing or cannot be decoded; ``reason`` is the short cause."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"image {self.path}: {reason}")
+
+
+def _min_max(arr: np.ndarray) -> np.ndarray:
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros_like(arr, dtype=np.float32)
+    return ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def _scale_int32(arr: np.ndarray) -> np.ndarray:
+    """Mode ``I``: 16-bit data when it fits [0, 65535], else min-max (see module doc)."""
+    if arr.size and arr.min() >= 0 and arr.max() <= UINT16_MAX:
+        return (arr / UINT16_MAX).astype(np.float32)
+    return _min_max(arr.astype(np.float64))
+
+
+def _scale_float(arr: np.ndarray) -> np.ndarray:
+    """Mode ``F``: kept when already in [0, 1], else min-max; NaN -> 0."""
+    arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if arr.size == 0 or (arr.min() >= 0.0 and arr.max() <= 1.0):
+        return arr
+    return _min_max(arr)
+
+
+def _composite(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``color * a + background * (1 - a)``, alpha compositing on `ALPHA_BACKGROUND`."""
+    return color * alpha[..., None] + ALPHA_BACKGROUND * (1.0 - alpha[..., None])
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """A PIL image of any supported mode -> float32 tensor (3, H, W) in [0, 1].
+
+    Raises ValueError naming the mode when PIL cannot convert it.
+    """
+    mode = image.mode
+    if mode in ("RGBa", "PA"):
+        image, mode = image.convert("RGBA"), "RGBA"
+    elif mode == "La":
+        image, mode = image.convert("LA"), "LA"
+    elif mode == "P":
+        mode = "RGBA" if "transparency" in image.info else "RGB"
+        image = image.convert(mode)
+    elif mode in _PIL_TO_RGB_MODES:
+        image, mode = image.convert("RGB"), "RGB"
+
+    arr = np.asarray(image)
+    if mode == "1":
+        rgb = np.repeat(arr.astype(np.float32)[..., None], 3, axis=-1)
+    elif mode == "L":
+        rgb = np.repeat((arr / UINT8_MAX).astype(np.float32)[..., None], 3, axis=-1)
+    elif mode == "LA":
+        gray = (arr[..., 0] / UINT8_MAX).astype(np.float32)
+        alpha = (arr[..., 1] / UINT8_MAX).astype(np.float32)
+        rgb = _composite(np.repeat(gray[..., None], 3, axis=-1), alpha)
+    elif mode == "RGB":
+        rgb = (arr / UINT8_MAX).astype(np.float32)
+    elif mode == "RGBA":
+        rgb = _composite((arr[..., :3] / UINT8_MAX).astype(np.float32), (arr[..., 3] / UINT8_MAX).astype(np.float32))
+    elif mode.startswith("I;16"):
+        rgb = np.repeat((arr.astype(np.float64) / UINT16_MAX).astype(np.float32)[..., None], 3, axis=-1)
+    elif mode == "I":
+        rgb = np.repeat(_scale_int32(arr)[..., None], 3, axis=-1)
+    elif mode == "F":
+        rgb = np.repeat(_scale_float(arr)[..., None], 3, axis=-1)
+    else:
+        try:
+            return from_pil(image.convert("RGB"))
+        except (ValueError, OSError) as e:
+            raise ValueError(f"unsupported image mode {mode!r}: {e}") from e
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
+    return tensor.clamp_(0.0, 1.0).contiguous()
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """Float tensor in [0, 1], (3, H, W) -> RGB or (1, H, W) / (H, W) -> L; rounds to 8 bits."""
+    t = tensor.detach().to("cpu", torch.float32)
+    if t.dim() == 3 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() == 2:
+        arr = (t.clamp(0, 1) * UINT8_MAX).round().to(torch.uint8).numpy()
+        return Image.fromarray(arr, mode="L")
+    if t.dim() != 3 or t.shape[0] != 3:
+        raise ValueError(f"expected an image tensor (3, H, W), (1, H, W) or (H, W); got shape {tuple(tensor.shape)}")
+    arr = (t.clamp(0, 1) * UINT8_MAX).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def _target_hw(size: Size) -> tuple[int, int]:
+    if isinstance(size, int):
+        hw = (size, size)
+    else:
+        hw = tuple(int(s) for s in size)
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"size must be a positive int or (height, width); got {size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def resize(image: torch.Tensor, size: Size, mode: str = IMAGE_RESIZE_MODE) -> torch.Tensor:
+    """Resize a (C, H, W) tensor to ``size`` (int: square, or (H, W)); output clamped to [0, 1]."""
+    hw = _target_hw(size)
+    if tuple(image.shape[-2:]) == hw:
+        return image
+    kwargs = {} if mode == "nearest" else {"align_corners": False, "antialias": True}
+    out = F.interpolate(image[None], size=hw, mode=mode, **kwargs)[0]
+    return out.clamp_(0.0, 1.0)
+
+
+def _open_decoded(path: Path) -> Image.Image:
+    """Open and fully decode (``load()``) an image, EXIF rotation applied."""
+    if not path.is_file():
+        raise ImageReadError(path, MISSING_FILE)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except _DECODE_ERRORS as e:
+        raise ImageReadError(path, f"cannot decode ({type(e).__name__}: {e})") from e
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """Fully decode an image file (catches truncated/corrupt files) and return (width, height).
+
+    Raises ImageReadError (a RefrlError) when the file is missing or undecodable.
+    """
+    return _open_decoded(Path(path)).size
+
+
+def load_image(path: str | os.PathLike, size: Size | None = None) -> torch.Tensor:
+    """Load an image file as float32 (3, H, W) in [0, 1], optionally resized (bicubic, antialiased).
+
+    Raises ImageReadError (a RefrlError) naming the file when it is missing or corrupt.
+    """
+    path = Path(path)
+    image = _open_decoded(path)
+    try:
+        tensor = from_pil(image)
+    except ValueError as e:
+        raise ImageReadError(path, str(e)) from e
+    return tensor if size is None else resize(tensor, size)
+
+
+def load_mask(path: str | os.PathLike, size: Size | None = None) -> torch.Tensor:
+    """Load a mask as float32 (1, H, W) in [0, 1]: RGB masks reduce by luma; resize is nearest."""
+    rgb = load_image(path)
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=rgb.dtype).view(3, 1, 1)
+    mask = (rgb * weights).sum(0, keepdim=True).clamp_(0.0, 1.0)
+    return mask if size is None else resize(mask, size, mode=MASK_RESIZE_MODE)
+
+
+# Modes a PNG stores as they are; others are converted to RGB by `from_pil` first.
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
+
+
+def _save_png_atomic(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_image(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write a [0, 1] tensor as an 8-bit PNG, atomically (temp file + os.replace)."""
+    return _save_png_atomic(to_pil(tensor), Path(path))
+
+
+def save_pil_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PIL image as PNG, atomically; modes PNG holds (`PNG_MODES`, incl. 16-bit grey
+    and alpha) are kept, others go through `from_pil` (e.g. CMYK -> RGB)."""
+    if image.mode not in PNG_MODES:
+        image = to_pil(from_pil(image))
+    return _save_png_atomic(image, Path(path))

@@ -1,0 +1,1 @@
+"""Evaluation suites, image grids and the HTML report."""

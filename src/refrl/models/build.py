@@ -1,0 +1,95 @@
+"""Build a policy from a config, or load one from a checkpoint name or folder.
+
+Names a user can pass wherever a checkpoint is taken (``--ckpt``):
+
+* ``tiny-sft`` — the SFT checkpoint shipped inside the package (RefWorld, 32 px);
+* a run folder (``runs/NAME``) — its latest checkpoint;
+* a checkpoint folder (``runs/NAME/checkpoints/step-N``) or a policy folder
+  (anything with a ``config.json`` written by ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from refrl.config import StrictModel
+from refrl.errors import RefrlError
+from refrl.models.policy import Policy
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED = {"tiny-sft": ASSETS / "tiny-sft"}
+
+
+class ModelConfig(StrictModel):
+    kind: Literal["tiny-dit"] = "tiny-dit"
+    init: str | None = Field(None, description="start from this checkpoint (tiny-sft, run or checkpoint folder)")
+    image_size: int = 32
+    patch: int = 4
+    ref_size: int = 32
+    ref_patch: int = 8
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: int = 4
+    max_refs: int = 8
+    max_text_len: int = 48
+    use_ref_cache: bool = True
+    lora_rank: int = Field(0, ge=0, description="0 = full fine-tune; >0 = LoRA of this rank (peft)")
+    lora_alpha: float | None = Field(None, description="default: equal to the rank")
+    lora_targets: list[str] = ["qkv", "proj", "fc1", "fc2"]
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """The policy folder (``config.json`` inside) that a ``--ckpt`` value names."""
+    key = str(name_or_path)
+    if key in SHIPPED:
+        path = SHIPPED[key]
+        if not (path / "config.json").is_file():
+            raise RefrlError(f"the shipped checkpoint {key!r} is missing from {path}; reinstall refrl")
+        return path
+    path = Path(key)
+    if not path.exists():
+        raise RefrlError(f"checkpoint not found: {key} (give a run folder, a checkpoint folder or one of {sorted(SHIPPED)})")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "policy" / "config.json").is_file():
+        return path / "policy"
+    from refrl.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(path / "checkpoints")
+    if last is not None:
+        return last / "policy"
+    raise RefrlError(f"{path} holds no checkpoint (expected config.json, policy/ or checkpoints/step-N/)")
+
+
+def load_policy(name_or_path: str | Path) -> Policy:
+    """Load a saved policy (EMA weights as exported at the checkpoint)."""
+    from refrl.models.tiny_dit_policy import TinyDiTPolicy
+
+    return TinyDiTPolicy.from_pretrained(resolve_checkpoint(name_or_path))
+
+
+def build_policy(cfg: ModelConfig) -> Policy:
+    """A fresh policy from ``cfg`` (or ``cfg.init`` loaded), with LoRA if asked."""
+    from refrl.data.refworld.vocab import WORDS
+    from refrl.models.tiny_dit import TinyDiTConfig
+    from refrl.models.tiny_dit_policy import TinyDiTPolicy
+    from refrl.models.tokenizer import WordTokenizer
+
+    if cfg.init:
+        policy = load_policy(cfg.init)
+        policy.model.use_ref_cache = cfg.use_ref_cache
+    else:
+        tok = WordTokenizer.from_words(WORDS)
+        arch = TinyDiTConfig(
+            vocab_size=tok.vocab_size, image_size=cfg.image_size, patch=cfg.patch, ref_size=cfg.ref_size,
+            ref_patch=cfg.ref_patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+            max_refs=cfg.max_refs, max_text_len=cfg.max_text_len, use_ref_cache=cfg.use_ref_cache,
+        )
+        policy = TinyDiTPolicy(arch, tok)
+    if cfg.lora_rank > 0:
+        policy.enable_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=cfg.lora_targets)
+    return policy

@@ -1,0 +1,130 @@
+"""Checkpoints that resume exactly, written atomically.
+
+A checkpoint is a folder ``checkpoints/step-N/``:
+
+* ``policy/`` — the policy's own ``save_pretrained`` output (safetensors weights,
+  config, tokenizer) so any checkpoint is also a loadable model;
+* ``trainable.safetensors`` — the raw trainable weights (what training continues from);
+* ``ema.safetensors`` — EMA of the trainable weights (used for evaluation);
+* ``trainer.pt`` — optimizer + LR-scheduler state and RNG states (tensors and
+  plain Python values only, read back with ``torch.load(weights_only=True)``);
+* ``state.json`` — step, data position and anything else the trainer needs.
+
+The folder is first written as ``step-N.tmp`` and renamed, so a crash mid-write
+never leaves a half checkpoint that ``latest_checkpoint`` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from refrl.errors import RefrlError
+
+STEP_PREFIX = "step-"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from (torch CPU, Python, NumPy global)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": repr(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    import ast
+
+    random.setstate(ast.literal_eval(state["python"]))
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    save_policy: Callable[[Path], None],
+    trainer_state: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None,
+    info: dict[str, Any],
+    trainable: dict[str, torch.nn.Parameter] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write ``ckpt_root/step-N`` atomically and return its path."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{STEP_PREFIX}{step}"
+    tmp = ckpt_root / f"{STEP_PREFIX}{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_policy(tmp / "policy")
+    if ema_state is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
+    if trainable is not None:  # the raw (non-EMA) trainable weights, for exact resume
+        save_file({k: p.detach().contiguous().cpu() for k, p in trainable.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(trainer_state, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_last:
+        for old in list_checkpoints(ckpt_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        suffix = p.name[len(STEP_PREFIX):]
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and suffix.isdigit():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    ckpts = list_checkpoints(ckpt_root)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """(trainer_state, ema_state or None, info) of a checkpoint folder."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise RefrlError(f"{path} is not a checkpoint (no state.json)")
+    info = json.loads((path / "state.json").read_text())
+    trainer_state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    ema_path = path / "ema.safetensors"
+    ema = load_file(str(ema_path)) if ema_path.is_file() else None
+    return trainer_state, ema, info
+
+
+@torch.no_grad()
+def load_trainable(named: list[tuple[str, torch.nn.Parameter]], ckpt: str | Path) -> None:
+    """Copy ``trainable.safetensors`` of a checkpoint into the given parameters."""
+    path = Path(ckpt) / "trainable.safetensors"
+    if not path.is_file():
+        raise RefrlError(f"{ckpt}: no trainable.safetensors, cannot resume from it")
+    state = load_file(str(path))
+    missing = [k for k, _ in named if k not in state]
+    if missing or len(state) != len(named):
+        raise RefrlError(f"{ckpt}: trainable weights do not match this model ({len(state)} saved, {len(named)} expected)")
+    for k, p in named:
+        if state[k].shape != p.shape:
+            raise RefrlError(f"{ckpt}: weight {k} has shape {tuple(state[k].shape)}, model expects {tuple(p.shape)}")
+        p.copy_(state[k])
