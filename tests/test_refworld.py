@@ -30,7 +30,7 @@ from refrl.data.refworld.effects import apply_style, light_gain, style_chart
 from refrl.data.refworld.identities import PATTERNS, SHAPES, identity_pools
 from refrl.data.refworld.placement import LEVEL_SIZE_WORDS, box_side, boxes_overlap
 from refrl.data.refworld.render import box_coords, pattern_mask, shape_mask
-from refrl.data.refworld.vocab import BACKGROUND_COLOURS, NEUTRAL_GREY, prompt_words
+from refrl.data.refworld.vocab import BACKGROUND_COLOURS, NEUTRAL_GREY, cell_name, prompt_words
 from refrl.errors import RefrlError
 
 GREY_Q = round(NEUTRAL_GREY * 255) / 255  # the grey canvas after 8-bit quantisation
@@ -208,7 +208,6 @@ def test_layout_reference_draws_the_target_boxes():
         for sub in s.extra["subjects"]:
             x0, y0, x1, y1 = sub["box"]
             assert layout[:, y0, x0:x1].sum(0).min() > 0 and layout[:, y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].sum() == 0
-            assert sub["box_color"] in s.prompt.split(f"image {sub['ref'] + 1} in the ")[1][:6]
 
 
 def test_subject_reference_on_grey_with_varying_scale_and_offset():
@@ -277,6 +276,23 @@ def test_prompt_words_in_vocab_and_every_image_named():
         for k in range(1, s.n_refs + 1):
             assert f"image {k}" in s.prompt
         assert f"image {s.n_refs + 1}" not in s.prompt
+
+
+def test_prompt_binds_image_indices_to_the_ground_truth():
+    for s in RefWorld(categories=[c for c in CATEGORIES if c.startswith("subject")]).generate(40, seed=23):
+        t = s.extra
+        for sub in t["subjects"]:
+            k = sub["ref"] + 1
+            if t["layout_ref"] is None:
+                assert f"subject of image {k} at the {cell_name(*sub['cell'])}, {sub['size_word']}." in s.prompt
+            else:
+                assert f"subject of image {k} in the {sub['box_color']} box of image {t['layout_ref'] + 1}." in s.prompt
+        bg = t["background"]
+        assert (f"background of image {bg['ref'] + 1}." if bg["ref"] is not None else f"a {bg['name']} background.") in s.prompt
+        if t["style"]:
+            assert f"style of image {t['style']['ref'] + 1}." in s.prompt
+        if t["lighting"]:
+            assert f"as in image {t['lighting']['ref'] + 1}." in s.prompt
 
 
 # ------------------------------------------------------------------------------ on disk

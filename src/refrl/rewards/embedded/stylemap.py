@@ -25,13 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from refrl.errors import RefrlError
 
 NEAREST_CHART_COLOURS = 4  # k in the residual correction
 INVERSE_DISTANCE_EPS = 1e-3
-CURVE_BINS = 32
+CURVE_BINS = 64
 BASE_MODELS = ("affine", "curves")
 
 
@@ -81,14 +82,19 @@ class StyleMap:
 
 
 def _fit_curves(chart: torch.Tensor, styled: torch.Tensor) -> torch.Tensor:
-    """(3, CURVE_BINS) bin means of each styled channel given the same chart channel (identity where empty)."""
+    """(3, CURVE_BINS) bin means of each styled channel given the same chart channel.
+
+    Bins no chart pixel falls in are linearly interpolated from the filled ones.
+    """
     bins = _curve_bins(chart)
+    centres = ((torch.arange(CURVE_BINS) + 0.5) / CURVE_BINS).numpy()
     curves = torch.zeros(3, CURVE_BINS)
     for o in range(3):
         sums = torch.zeros(CURVE_BINS).index_add_(0, bins[:, o], styled[:, o])
         counts = torch.zeros(CURVE_BINS).index_add_(0, bins[:, o], torch.ones(bins.shape[0]))
-        centres = (torch.arange(CURVE_BINS) + 0.5) / CURVE_BINS
-        curves[o] = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+        filled = (counts > 0).numpy()
+        means = (sums / counts.clamp(min=1)).numpy()
+        curves[o] = torch.from_numpy(np.interp(centres, centres[filled], means[filled])).float()
     return curves
 
 
