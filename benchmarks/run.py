@@ -164,10 +164,71 @@ def rollout_section(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# -- reward: throughput of each embedded reward, encoder calls saved by the reference cache
+
+
+REWARD_UNIQUE_SAMPLES = {"full": 16, "quick": 4}
+REWARD_GROUP_SIZE = {"full": 8, "quick": 4}  # G images per sample, as in a GRPO group
+REWARD_IMAGE_NOISE = 0.1  # outputs = targets + noise: imperfect images, like a policy's
+
+
+def reward_images(samples: list[LoadedSample], seed: int = 0) -> torch.Tensor:
+    """Deterministic stand-ins for generated images: each target plus Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.stack([s.target for s in samples])
+    return (targets + REWARD_IMAGE_NOISE * torch.randn(targets.shape, generator=g)).clamp(0, 1)
+
+
+def reward_row(name: str, unique: list[LoadedSample], group: int, repeats: int) -> dict[str, Any]:
+    """Images/s of one reward and its reference-encoder calls with and without the cache.
+
+    Without a cache every image of a group would encode its sample's references again,
+    so uncached calls = G x the calls on the unique samples; cached calls are counted
+    on a fresh reward scoring the G-fold batch.
+    """
+    from refrl.rewards import build
+
+    grouped = [s for s in unique for _ in range(group)]
+    images_unique, images_grouped = reward_images(unique), reward_images(grouped, seed=1)
+    cold = build(name)
+    start = time.perf_counter()
+    cold(images_unique, unique)
+    cold_s = time.perf_counter() - start
+    calls_unique = getattr(cold, "encoder_calls", None)
+    warm = build(name)
+    warm(images_grouped, grouped)
+    calls_grouped = getattr(warm, "encoder_calls", None)
+    ms = best_ms(lambda: warm(images_grouped, grouped), repeats, warmup=0)  # cache warm: the GRPO regime
+    row: dict[str, Any] = {
+        "images_per_s": round(len(grouped) / ms * 1000, 1),
+        "cold_images_per_s": round(len(unique) / cold_s, 1),  # first sight of every reference
+    }
+    if calls_unique is not None and calls_grouped is not None:
+        uncached = group * calls_unique
+        row.update({"encoder_calls_cached": calls_grouped, "encoder_calls_uncached": uncached,
+                    "encoder_calls_saved": uncached - calls_grouped,
+                    "saved_fraction": round((uncached - calls_grouped) / uncached, 3) if uncached else 0.0})
+    return row
+
+
+def reward_section(args: argparse.Namespace) -> dict[str, Any]:
+    from refrl.data.refworld import generate
+    from refrl.eval.suites import EMBEDDED_REWARDS
+
+    n, group, repeats = REWARD_UNIQUE_SAMPLES[args.mode], REWARD_GROUP_SIZE[args.mode], REPEATS[args.mode]
+    unique = generate(n, seed=0, split="test")  # every category: each reward meets samples it applies to
+    out: dict[str, Any] = {"unique_samples": n, "group_size": group, "images": n * group, "per_reward": {}}
+    for name in EMBEDDED_REWARDS:
+        out["per_reward"][name] = reward_row(name, unique, group, repeats)
+        log(f"reward {name}: {out['per_reward'][name]}")
+    return out
+
+
 # Sections in output order. The SFT engineer adds "train"; later "grpo", "reward", "quickstart".
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "machine": machine_section,
     "rollout": rollout_section,
+    "reward": reward_section,
 }
 
 

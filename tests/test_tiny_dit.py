@@ -260,23 +260,35 @@ def test_lora_trains_only_adapters_and_can_be_disabled():
         make_policy().enable_lora(2, 2, target_modules=("attn",))
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_save_load_roundtrip(tmp_path, lora):
+@pytest.mark.parametrize("lora,merge", [(False, False), (True, False), (True, True)])
+def test_save_load_roundtrip(tmp_path, lora, merge):
     policy = make_policy()
+    x, sigma = inputs(3)
+    with torch.no_grad():
+        base = policy.velocity(x, sigma, policy.encode_condition([A, B, C]))
     if lora:
         policy.enable_lora(rank=2, alpha=4)
         with torch.no_grad():
             for p in policy.trainable_parameters():
                 p.add_(0.1 * torch.randn_like(p))
-    policy.save_pretrained(tmp_path / "m")
-    assert sorted(f.name for f in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    policy.save_pretrained(tmp_path / "m", merge_lora=merge)
+    files = {"config.json", "model.safetensors", "tokenizer.json"}
+    if lora and not merge:
+        files |= {"adapter.json", "adapter.safetensors"}
+    assert {f.name for f in (tmp_path / "m").iterdir()} == files
     loaded = TinyDiTPolicy.from_pretrained(tmp_path / "m").eval()
-    assert loaded.config == policy.config and not loaded.has_lora
-    x, sigma = inputs(3)
+    assert loaded.config == policy.config and loaded.has_lora == (lora and not merge)
     with torch.no_grad():
         expected = policy.velocity(x, sigma, policy.encode_condition([A, B, C]))
         got = loaded.velocity(x, sigma, loaded.encode_condition([A, B, C]))
-    assert torch.allclose(got, expected, atol=ATOL if lora else 0.0)
+        assert torch.allclose(got, expected, atol=ATOL if merge else 0.0)
+        if lora:
+            assert (expected - base).abs().max() > 1e-3
+        if loaded.has_lora:  # the KL reference survives a save/load (exact resume)
+            trainable = lambda pol: sorted(n for n, p in pol.net.named_parameters() if p.requires_grad)  # noqa: E731
+            assert trainable(loaded) == trainable(policy)
+            with loaded.adapter_disabled():
+                assert torch.allclose(loaded.velocity(x, sigma, loaded.encode_condition([A, B, C])), base, atol=ATOL)
 
 
 def test_from_pretrained_names_missing_file(tmp_path):
@@ -284,3 +296,9 @@ def test_from_pretrained_names_missing_file(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(RefrlError, match=r"tokenizer\.json is missing"):
         TinyDiTPolicy.from_pretrained(tmp_path)
+    lora = make_policy()
+    lora.enable_lora(rank=2, alpha=2)
+    lora.save_pretrained(tmp_path / "lora", merge_lora=False)
+    (tmp_path / "lora" / "adapter.safetensors").unlink()
+    with pytest.raises(RefrlError, match=r"adapter\.safetensors is missing"):
+        TinyDiTPolicy.from_pretrained(tmp_path / "lora")

@@ -134,6 +134,31 @@ def sft(
     typer.echo(f"checkpoint: {path}")
 
 
+@app.command("grpo")
+def grpo(
+    config: ConfigOpt = Path("configs/tiny-cpu-grpo.yaml"),
+    overrides: OverridesArg = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Override the number of iterations.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint.")] = False,
+) -> None:
+    """Stage 2: GRPO with reward shaping (group norm, GDPO, SARS/TDW, DRS/DAR); works with accelerate launch."""
+    from refrl.config import load_config
+    from refrl.train.grpo import train_grpo
+    from refrl.train.grpo_config import GRPOConfig
+
+    extra = list(overrides or [])
+    if iterations is not None:
+        extra.append(f"iterations={iterations}")
+    if seed is not None:
+        extra.append(f"seed={seed}")
+    cfg = load_config(GRPOConfig, config, extra)
+    out = out or Path("runs") / Path(config).stem
+    path = train_grpo(cfg, out, resume=resume)
+    typer.echo(f"checkpoint: {path}")
+
+
 @app.command("generate")
 def generate_cmd(
     ckpt: Annotated[str, typer.Option(help="tiny-sft, a run folder or a checkpoint folder.")],
@@ -167,6 +192,58 @@ def quickstart(
     from refrl.quickstart import run_quickstart
 
     run_quickstart(out, seed=seed)
+
+
+@app.command("serve-reward")
+def serve_reward_cmd(
+    name: Annotated[str, typer.Argument(help="Reward to serve (any name of refrl.rewards.available()).")],
+    options: Annotated[list[str] | None, typer.Argument(help="Reward options key=value, e.g. checkpoint=/models/dino device=cuda")] = None,
+    port: Annotated[int, typer.Option(help="TCP port (0 = any free port, printed at start).")] = 8500,
+    host: Annotated[str, typer.Option(help="Listen address: 127.0.0.1 (this machine only) or this host's cluster-network address.")] = "127.0.0.1",
+) -> None:
+    """Serve a reward over HTTP for `remote:NAME` rewards in training configs."""
+    from refrl.rewards.zoo.remote import parse_options, serve_reward
+
+    serve_reward(name, parse_options(options or []), host=host, port=port, announce=lambda m: typer.echo(m))
+
+
+@app.command("eval")
+def eval_cmd(
+    ckpt: Annotated[str, typer.Option(help="tiny-sft, a run folder or a checkpoint folder.")],
+    suite: Annotated[str, typer.Option(help="refworld | omniref | dreambench | refine")],
+    out: Annotated[Path, typer.Option(help="Output folder (images/ cache, eval.json, samples.jsonl, grid.png).")],
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    n: Annotated[int | None, typer.Option(help="refworld/refine: number of samples (default 96 / 48).")] = None,
+    data: Annotated[Path | None, typer.Option(help="omniref: metadata JSON; dreambench: the DreamBench folder.")] = None,
+    root: Annotated[Path | None, typer.Option(help="omniref: folder the image paths are relative to.")] = None,
+    rewards: Annotated[str | None, typer.Option(help="Metrics, comma-separated NAME or METRIC=REWARD (default: the suite's).")] = None,
+    reward_option: Annotated[list[str] | None, typer.Option(help="METRIC.KEY=VALUE, repeatable, e.g. dino.checkpoint=/models/dino")] = None,
+    steps: Annotated[int, typer.Option(help="ODE steps.")] = 20,
+    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")] = 2.0,
+    seed: Annotated[int, typer.Option(help="Seed of the samples (refworld) and of the noise.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per generation / scoring batch.")] = 16,
+    force: Annotated[bool, typer.Option(help="Delete images generated with other settings and start over.")] = False,
+) -> None:
+    """Generate (cached: an interrupted eval resumes) and score a suite; writes OUT/eval.json."""
+    from refrl.eval.suites import eval_command
+
+    res = eval_command(ckpt, suite, out, limit=limit, n=n, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size,
+                       data=data, root=root, rewards=rewards, reward_options=reward_option or [], force=force)
+    overall = res["metrics"]["overall"]
+    summary = ", ".join(f"{k} {v['mean']:.4g}" for k, v in overall.items() if isinstance(v, dict) and v["n"])
+    typer.echo(f"{res['suite']}: {res['n_images']} images ({res['generated']} generated); {summary}")
+    typer.echo(f"wrote {out / 'eval.json'}")
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (config.yaml, metrics.jsonl, eval folders).")],
+    out: Annotated[Path | None, typer.Option(help="Output file (default RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write a self-contained report.html: curves, before/after tables, score vs #references, grids."""
+    from refrl.eval.report import write_report
+
+    typer.echo(f"wrote {write_report(run_dir, out)}")
 
 
 def main() -> None:

@@ -81,7 +81,7 @@ def build_policy(cfg: ModelConfig) -> Policy:
 
     if cfg.init:
         policy = load_policy(cfg.init)
-        policy.model.use_ref_cache = cfg.use_ref_cache
+        policy.use_ref_cache = cfg.use_ref_cache
     else:
         tok = WordTokenizer.from_words(WORDS)
         arch = TinyDiTConfig(
@@ -89,7 +89,7 @@ def build_policy(cfg: ModelConfig) -> Policy:
             ref_patch=cfg.ref_patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
             max_refs=cfg.max_refs, max_text_len=cfg.max_text_len, use_ref_cache=cfg.use_ref_cache,
         )
-        policy = TinyDiTPolicy(arch, tok)
+        policy = TinyDiTPolicy(tok, arch)
     if cfg.lora_rank > 0:
         policy.enable_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=cfg.lora_targets)
     return policy

@@ -5,10 +5,13 @@ resized (bilinear, antialiased) to ``ref_size`` squares. Condition dropout for
 classifier-free guidance is done here by emptying the prompt / removing the
 references (never by ``nn.Dropout``, which would make GRPO's old/new policies differ).
 
-Saved form (``save_pretrained``): ``model.safetensors`` (LoRA, if enabled, is
-*merged* into the weights, so the folder is a plain model), ``config.json``
-(`TinyDiTConfig`) and ``tokenizer.json``. A loaded policy has no adapter; call
-``enable_lora`` again to go on fine-tuning with one.
+Saved form (``save_pretrained``): ``model.safetensors``, ``config.json``
+(`TinyDiTConfig`) and ``tokenizer.json``. By default LoRA, if enabled, is *merged*
+into the weights, so the folder is a plain model and a loaded policy has no adapter
+(``enable_lora`` again to go on with one). ``merge_lora=False`` keeps the adapter
+apart (``adapter.safetensors`` + ``adapter.json``: rank, alpha, targets): the loaded
+policy then has the same adapter and ``adapter_disabled`` still gives the pre-LoRA
+reference policy.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from refrl.models.tokenizer import WordTokenizer
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
+ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
+ADAPTER_CONFIG_NAME = "adapter.json"
 # Every attention and MLP linear of both streams (``kv`` is the last condition layer's).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("qkv", "kv", "proj", "fc1", "fc2")
 _ADAPTER = "default"
@@ -51,6 +56,7 @@ class TinyDiTPolicy(nn.Module):
         self.net = TinyDiT(config)
         # Kept outside the module tree: the peft wrapper holds `self.net` itself.
         self.__dict__["_peft"] = None
+        self.lora_config: dict | None = None
 
     @property
     def config(self) -> TinyDiTConfig:
@@ -159,6 +165,7 @@ class TinyDiTPolicy(nn.Module):
             raise RefrlError(f"unknown LoRA target modules {unknown}; allowed: {sorted(names)}")
         lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout)
         self.__dict__["_peft"] = get_peft_model(self.net, lora, adapter_name=_ADAPTER)
+        self.lora_config = {"rank": rank, "alpha": alpha, "target_modules": list(target_modules), "dropout": dropout}
 
     def adapter_disabled(self) -> AbstractContextManager[None]:
         if not self.has_lora:
@@ -167,12 +174,13 @@ class TinyDiTPolicy(nn.Module):
 
     # -- persistence ------------------------------------------------------------------
 
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain `TinyDiT` weights, with any LoRA delta (B A * alpha/r) added to its base weight."""
+    def base_state_dict(self, merge_lora: bool = False) -> dict[str, torch.Tensor]:
+        """Plain `TinyDiT` weights (LoRA layers unwrapped); with ``merge_lora`` each LoRA
+        delta (B A * alpha / r) is added into its base weight."""
         from peft.tuners.lora import LoraLayer
 
         deltas = {}
-        if self.has_lora:
+        if merge_lora and self.has_lora:
             deltas = {n: m.get_delta_weight(_ADAPTER) for n, m in self.net.named_modules() if isinstance(m, LoraLayer)}
         state = {}
         for key, value in self.net.state_dict().items():
@@ -185,17 +193,29 @@ class TinyDiTPolicy(nn.Module):
             state[key] = value.detach().to("cpu", copy=True).contiguous()
         return state
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights only, under their peft names (empty without LoRA)."""
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.net.state_dict().items() if ".lora_" in k}
+
+    def save_pretrained(self, directory: str | Path, merge_lora: bool = True) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.merged_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(self.base_state_dict(merge_lora), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
         self.tokenizer.save(directory / TOKENIZER_NAME)
+        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):  # never leave a stale adapter behind
+            (directory / name).unlink(missing_ok=True)
+        if self.has_lora and not merge_lora:
+            save_file(self.adapter_state_dict(), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+            (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(self.lora_config, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TinyDiTPolicy:
         directory = Path(directory)
-        for name in (WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME):
+        required = [WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME]
+        if (directory / ADAPTER_CONFIG_NAME).exists():
+            required.append(ADAPTER_WEIGHTS_NAME)
+        for name in required:
             if not (directory / name).is_file():
                 raise RefrlError(f"not a TinyDiT policy folder: {directory / name} is missing")
         try:
@@ -207,6 +227,16 @@ class TinyDiTPolicy(nn.Module):
             policy.net.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
         except RuntimeError as e:
             raise RefrlError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {e}") from None
+        if (directory / ADAPTER_CONFIG_NAME).exists():
+            policy.enable_lora(**json.loads((directory / ADAPTER_CONFIG_NAME).read_text()))
+            adapter = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
+            missing, unexpected = policy.net.load_state_dict(adapter, strict=False)
+            missing = [k for k in missing if ".lora_" in k]
+            if missing or unexpected:
+                raise RefrlError(
+                    f"{directory / ADAPTER_WEIGHTS_NAME} does not match {directory / ADAPTER_CONFIG_NAME}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
         return policy.to(device)
 
 

@@ -52,6 +52,7 @@ class SFTConfig(StrictModel):
     logit_std: float = 1.0
     drop_text_prob: float = Field(0.1, ge=0, le=1, description="CFG training: empty prompt")
     drop_refs_prob: float = Field(0.1, ge=0, le=1, description="CFG training: no references")
+    drop_both_prob: float = Field(0.0, ge=0, le=1, description="CFG training: fully unconditional")
     mask_loss: Literal["none", "weighted", "only"] = "weighted"
     mask_weight: float = Field(4.0, ge=0, description="extra loss weight inside the mask (OmniRefiner)")
     ema_decay: float = 0.999
@@ -189,8 +190,9 @@ def sft_step(policy, source: "SampleSource", cfg: SFTConfig, step: int) -> tuple
     samples = source.batch(step, cfg.batch_size)
     g = seeded_generator(cfg.seed, step, 1)
     b = len(samples)
-    drop_text = torch.rand(b, generator=g) < cfg.drop_text_prob
-    drop_refs = torch.rand(b, generator=g) < cfg.drop_refs_prob
+    drop_both = torch.rand(b, generator=g) < cfg.drop_both_prob
+    drop_text = (torch.rand(b, generator=g) < cfg.drop_text_prob) | drop_both
+    drop_refs = (torch.rand(b, generator=g) < cfg.drop_refs_prob) | drop_both
     cond = policy.encode_condition(samples, drop_text=drop_text, drop_refs=drop_refs)
     x0 = policy.encode_images(torch.stack([s.target for s in samples]))
     k = cfg.noise_per_condition

@@ -1,0 +1,128 @@
+"""Plots of the report, as PNG bytes (matplotlib's Agg canvas; pyplot's global state is never touched).
+
+* `curves_png`: training curves from ``metrics.jsonl`` records, one panel per key;
+* `score_vs_refs_png`: OmniRef-Bench's headline plot, score vs number of references,
+  one panel per metric and one line per evaluation (e.g. before / after RL);
+* `category_vs_refs_png`: the same for one evaluation, one line per category.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+PANEL_SIZE_IN = (3.6, 2.6)
+MAX_COLUMNS = 3
+DPI = 90
+# Keys of metrics.jsonl plotted besides every ``reward/*``: what a reader checks first
+# (loss, KL to the reference policy, the PPO ratio and clipping, gradient size).
+CURVE_KEYS = ("loss", "kl", "ratio_mean", "ratio_max", "ratio_first", "clipfrac", "grad_norm", "zero_std_groups")
+CURVE_PREFIXES = ("reward/",)
+
+
+def curve_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Keys worth a curve: every ``reward/*`` then `CURVE_KEYS`, if some record has a number there."""
+    present: dict[str, None] = {}
+    for r in records:
+        for k, v in r.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                present.setdefault(k, None)
+    rewards = sorted(k for k in present if k.startswith(CURVE_PREFIXES))
+    return rewards + [k for k in CURVE_KEYS if k in present]
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _panels(n: int, title: str | None = None) -> tuple[Figure, list[Any]]:
+    cols = min(MAX_COLUMNS, max(1, n))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(PANEL_SIZE_IN[0] * cols, PANEL_SIZE_IN[1] * rows + (0.3 if title else 0)), dpi=DPI)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    if title:
+        fig.suptitle(title)
+    return fig, axes
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def curves_png(records: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None, x_key: str = "step",
+               title: str | None = None) -> bytes | None:
+    """One panel per key (y) against ``x_key``; None when nothing is plottable."""
+    keys = list(keys) if keys is not None else curve_keys(records)
+    if not keys:
+        return None
+    fig, axes = _panels(len(keys), title)
+    for ax, key in zip(axes, keys, strict=True):
+        pts = [(r.get(x_key, i + 1), r[key]) for i, r in enumerate(records) if _finite(r.get(key))]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="." if len(pts) < 40 else None, linewidth=1.2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel(x_key, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def score_vs_refs_png(evals: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]) -> bytes | None:
+    """Mean score per number of references (error bars: standard error), one line per evaluation."""
+    if not metrics or not evals:
+        return None
+    fig, axes = _panels(len(metrics), "score vs number of references")
+    for ax, metric in zip(axes, metrics, strict=True):
+        for label, ev in evals.items():
+            by = ev.get("metrics", {}).get("by_n_refs", {})
+            pts = []
+            for n_refs, summary in by.items():
+                s = summary.get(metric) or {}
+                if _finite(s.get("mean")) and s.get("n", 0) > 0:
+                    sem = (s.get("std") or 0.0) / math.sqrt(s["n"]) if _finite(s.get("std")) else 0.0
+                    pts.append((int(n_refs), s["mean"], sem))
+            if pts:
+                pts.sort()
+                xs, ys, es = zip(*pts, strict=True)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2, linewidth=1.3, label=label)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("number of references", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def category_vs_refs_png(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], title: str) -> bytes | None:
+    """Per-image records -> mean score per (category, number of references), one line per category."""
+    if not records or not metrics:
+        return None
+    fig, axes = _panels(len(metrics), title)
+    for ax, metric in zip(axes, metrics, strict=True):
+        groups: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in records:
+            if _finite(r.get(metric)):
+                groups[str(r.get("category"))][int(r["n_refs"])].append(float(r[metric]))
+        for category in sorted(groups):
+            pts = sorted((n, sum(v) / len(v)) for n, v in groups[category].items())
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", linewidth=1.0, label=category)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("number of references", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, ncol=2)
+    return _png(fig)
