@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from refrl.config import dump_config
@@ -189,7 +190,7 @@ class GRPOTrainer:
             "groups": groups, "sde_steps": sde_steps, "sigmas": sigmas, "scores": scores, "extras": extras,
             "latents": self.dist.gather(traj["latents"]), "next_latents": self.dist.gather(traj["next_latents"]),
             "log_probs": self.dist.gather(traj["log_probs"]), "reward_seconds": reward_seconds,
-            "images": images, "encoder_calls": encoder_calls,
+            "images": self.dist.gather(images), "encoder_calls": encoder_calls,
         }
 
     def _policy_log_prob(self, policy, samples, x, x_next, sigma, sigma_next, want_grad: bool):
@@ -268,6 +269,11 @@ class GRPOTrainer:
         n_refs = torch.tensor([s.n_refs for s in ro["groups"] for _ in range(cfg.group_size)])
         res = compute_advantages(ro["scores"], ro["extras"], self.weights, group_ids, n_refs, ro["sde_steps"],
                                  cfg.sampling.steps, cfg.advantage)
+        if cfg.save_rollouts and self.dist.is_main:
+            folder = self.out_dir / "rollouts"
+            folder.mkdir(exist_ok=True)
+            save_file({"advantages": res.advantages, "loss_weights": res.loss_weights, "images": ro["images"],
+                       **{f"reward/{k}": v for k, v in ro["scores"].items()}}, str(folder / f"iter-{it + 1}.safetensors"))
         t1 = time.perf_counter()
         train_stats = self.train_on(it, ro, res.advantages, res.loss_weights)
         t_train = time.perf_counter() - t1

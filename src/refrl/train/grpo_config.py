@@ -48,6 +48,7 @@ class GRPOConfig(StrictModel):
     checkpoint_every: int = 10
     keep_last: int = 2
     trackers: list[Literal["tensorboard", "wandb"]] = []
+    save_rollouts: bool = Field(False, description="write rewards and advantages of every iteration to rollouts/")
     model: ModelConfig = ModelConfig(init="tiny-sft")
     data: DataConfig = DataConfig(curriculum=[(0.0, 2)])
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=1e-4)
