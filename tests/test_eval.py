@@ -191,6 +191,20 @@ def test_images_do_not_depend_on_batch_or_suite_size(tmp_path):
     assert res["n"] == 2
 
 
+def test_refworld_default_metrics_are_the_embedded_rewards(tmp_path):
+    suite = refworld_suite(n=3, seed=0)
+    metrics = build_metrics(suite.metrics)
+    assert {m: r.role for m, r in metrics.items()} == {
+        "identity": "identity", "layout": "prompt", "style": "style", "background": "background",
+        "fidelity": "fidelity", "patch": "patch"}
+    run_eval(make_policy(), suite, tmp_path, metrics=metrics, steps=STEPS, progress=False)
+    records = [json.loads(line) for line in (tmp_path / SAMPLES_FILE).read_text().splitlines()]
+    for it, rec in zip(suite.items, records, strict=True):
+        # not applicable -> NaN in memory, null in the file; never a made-up 0
+        assert (rec["style"] is None) == ("style" not in it.sample.ref_types)
+        assert rec["identity"] is not None and 0.0 <= rec["fidelity"] <= 1.0
+
+
 def test_refine_suite_is_only_refine_with_masked_metrics():
     suite = refine_suite(n=4, seed=0, limit=2)
     assert suite.n_samples == 2 and {it.sample.category for it in suite.items} == {"refine"}
@@ -245,7 +259,12 @@ def test_omniref_layout_types_targets_and_errors(tmp_path):
 def test_omniref_suite_eval_names_images_by_index(tmp_path):
     meta = _omniref_tree(tmp_path / "bench")
     suite = omniref_suite(meta, root=tmp_path / "bench", size=32)
-    assert {"subject_dino_seg", "subject_clip_i", "subject_dinov2", "style_csd", "judge"} <= set(suite.metrics)
+    assert {"subject_dinov2", "subject_clip_i", "background_clip_i", "style_csd", "judge"} == set(suite.metrics)
+    from refrl.rewards.zoo import ZOO, option_names, zoo_class
+
+    assert set(suite.metrics.values()) <= set(ZOO)  # every default is a zoo reward, with options it takes
+    for metric, opts in suite.reward_options.items():
+        assert set(opts) <= option_names(zoo_class(suite.metrics[metric]))
     assert suite.reward_options["background_clip_i"] == {"ref_type": "background"}
     res = run_eval(make_policy(), suite, tmp_path / "out", metrics={"mean_colour": MeanColour()}, steps=STEPS,
                    progress=False)

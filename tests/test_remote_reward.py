@@ -162,6 +162,7 @@ def test_build_remote_through_zoo_and_bad_request(serve):
     assert e.value.code == 400 and b"malformed request" in e.value.read()
 
 
+@pytest.mark.slow
 def test_zoo_reward_served_by_the_cli(tmp_path: Path):
     """`refrl serve-reward dino checkpoint=... --port 0` in a subprocess, scored through `remote:dino`."""
     options = save_tiny("dino", tmp_path / "dino")

@@ -24,10 +24,12 @@ named ``<index>.png``, as DyRef's evaluation scripts expect, so ``DIR/images`` c
 fed to them too.
 
 Metrics (OmniRef-Bench's dimensions mapped onto the reward zoo, `OMNIREF_METRICS`):
-subject fidelity through detection + segmentation then DINOv2 (``dino_seg``) and
-CLIP-I / DINOv2 against the subject references, background similarity (CLIP-I
-against the background reference), style (CSD) and the VLM judge. Pose (AlphaPose
-keypoints) and lighting (LAB statistics) have no zoo reward yet and are not scored.
+subject fidelity as DINOv2 cosine between the segmented output and the segmented
+subject references (``dino_seg``; OmniRef-Bench uses Grounded-SAM-2, the zoo CLIPSeg)
+and CLIP-I against the subject references, background similarity (CLIP-I against
+the background reference), style (CSD) and the VLM judge. Pose (AlphaPose keypoints)
+and lighting (LAB statistics) have no zoo reward yet and are not scored. Change any
+of them with ``--rewards`` / ``--reward-option``.
 """
 
 from __future__ import annotations
@@ -59,8 +61,7 @@ REQUIRED_KEYS = ("prompt", REFS_KEY)
 # metric -> (zoo reward, options). Each reward scores only samples with its reference type
 # (NaN otherwise), so every metric is averaged over the samples it applies to.
 OMNIREF_METRICS: dict[str, tuple[str, dict[str, Any]]] = {
-    "subject_dino_seg": ("dino_seg", {}),
-    "subject_dinov2": ("dinov2", {"ref_type": "subject"}),
+    "subject_dinov2": ("dino_seg", {"encoder": "dinov2", "segment_output": True}),
     "subject_clip_i": ("clip_i", {"ref_type": "subject"}),
     "background_clip_i": ("clip_i", {"ref_type": "background"}),
     "style_csd": ("csd", {}),

@@ -45,7 +45,7 @@ DEFAULT_N = {"refworld": 96, "refine": 48}
 REFWORLD_SPLIT = "test"  # unseen subject identities
 REFWORLD_LEVEL = 2  # the full world: patterns, textured and photo backgrounds
 DEFAULT_IMAGE_SIZE = 32  # when the policy does not say (the tiny DiT's native size)
-EMBEDDED_REWARDS = ("identity", "layout", "style", "background", "fidelity", "patch")
+REFWORLD_METRICS = ("identity", "layout", "style", "background", "fidelity", "patch")
 REFINE_METRICS = ("patch", "psnr_inside", "psnr_outside")
 DEFAULT_STEPS = 20  # METHODS.md: 20-40 denoising steps for evaluation
 DEFAULT_CFG = 2.0
@@ -163,7 +163,7 @@ def _limited(n: int, limit: int | None) -> int:
 def refworld_suite(
     n: int = DEFAULT_N["refworld"], seed: int = 0, limit: int | None = None, size: int = DEFAULT_IMAGE_SIZE,
     level: int = REFWORLD_LEVEL, categories: Sequence[str] | None = None, name: str = "refworld",
-    metrics: Sequence[str] = EMBEDDED_REWARDS,
+    metrics: Sequence[str] = REFWORLD_METRICS,
 ) -> Suite:
     """RefWorld test split (unseen identities), sample i a pure function of ``(seed, i)``."""
     from refrl.data.refworld import generate
@@ -391,7 +391,8 @@ def eval_command(
 
     stamp = checkpoint_stamp(ckpt)
     policy = load_policy(ckpt)
-    policy.eval()
+    if hasattr(policy, "eval"):  # nn.Module policies: no train-mode randomness while sampling
+        policy.eval()
     suite = build_suite(suite_name, seed=seed, n=n, limit=limit, size=size or policy_image_size(policy),
                         data=data, root=root)
     names = parse_metric_specs(rewards) if rewards else dict(suite.metrics)

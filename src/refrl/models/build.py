@@ -17,18 +17,23 @@ from pydantic import Field
 
 from refrl.config import StrictModel
 from refrl.errors import RefrlError
+from refrl.models.diffusers.options import DIFFUSERS_KINDS, DiffusersOptions
 from refrl.models.policy import Policy
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {"tiny-sft": ASSETS / "tiny-sft"}
 
 
+# LoRA targets of the tiny DiT when `lora_targets` is not given (diffusers kinds have their own).
+TINY_LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]
+
+
 class ModelConfig(StrictModel):
-    kind: Literal["tiny-dit"] = "tiny-dit"
+    kind: Literal["tiny-dit", "flux2-klein", "qwen-edit-plus", "kontext"] = "tiny-dit"
     init: str | None = Field(None, description="start from this checkpoint (tiny-sft, run or checkpoint folder)")
-    image_size: int = 32
+    image_size: int = Field(32, description="tiny-dit: image size; diffusers kinds: generation resolution")
     patch: int = 4
-    ref_size: int = 32
+    ref_size: int = Field(32, description="references are resized to this square size")
     ref_patch: int = 8
     width: int = 256
     depth: int = 6
@@ -39,7 +44,14 @@ class ModelConfig(StrictModel):
     use_ref_cache: bool = True
     lora_rank: int = Field(0, ge=0, description="0 = full fine-tune; >0 = LoRA of this rank (peft)")
     lora_alpha: float | None = Field(None, description="default: equal to the rank")
-    lora_targets: list[str] = ["qkv", "proj", "fc1", "fc2"]
+    lora_targets: list[str] | None = Field(None, description="LoRA target module suffixes (None: the kind's default)")
+    # diffusers kinds (flux2-klein, qwen-edit-plus, kontext); see docs/backends.md
+    pretrained: str | None = Field(None, description="diffusers kinds: hub id or local pipeline folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="diffusers kinds: weights dtype")
+    device: str = Field("auto", description="diffusers kinds: auto = this process's GPU if any, else cpu")
+    gradient_checkpointing: bool = False
+    text_cache: str | None = Field(None, description="diffusers kinds: folder of precomputed text embeddings")
+    diffusers: DiffusersOptions = DiffusersOptions()
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -65,15 +77,35 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     raise RefrlError(f"{path} holds no checkpoint (expected config.json, policy/ or checkpoints/step-N/)")
 
 
+def _saved_kind(folder: Path) -> str:
+    """The kind a policy folder was saved by (diffusers adapters name theirs in config.json)."""
+    import json
+
+    try:
+        info = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "tiny-dit"
+    return info.get("kind", "tiny-dit") if isinstance(info, dict) else "tiny-dit"
+
+
 def load_policy(name_or_path: str | Path) -> Policy:
     """Load a saved policy (EMA weights as exported at the checkpoint)."""
+    folder = resolve_checkpoint(name_or_path)
+    if _saved_kind(folder) in DIFFUSERS_KINDS:
+        from refrl.models.diffusers import load_diffusers_policy
+
+        return load_diffusers_policy(folder)
     from refrl.models.tiny_dit_policy import TinyDiTPolicy
 
-    return TinyDiTPolicy.from_pretrained(resolve_checkpoint(name_or_path))
+    return TinyDiTPolicy.from_pretrained(folder)
 
 
 def build_policy(cfg: ModelConfig) -> Policy:
     """A fresh policy from ``cfg`` (or ``cfg.init`` loaded), with LoRA if asked."""
+    if cfg.kind in DIFFUSERS_KINDS:
+        from refrl.models.diffusers import build_diffusers_policy
+
+        return build_diffusers_policy(cfg)
     from refrl.data.refworld.vocab import WORDS
     from refrl.models.tiny_dit import TinyDiTConfig
     from refrl.models.tiny_dit_policy import TinyDiTPolicy
@@ -91,5 +123,6 @@ def build_policy(cfg: ModelConfig) -> Policy:
         )
         policy = TinyDiTPolicy(tok, arch)
     if cfg.lora_rank > 0:
-        policy.enable_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=cfg.lora_targets)
+        policy.enable_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank,
+                           target_modules=cfg.lora_targets or TINY_LORA_TARGETS)
     return policy

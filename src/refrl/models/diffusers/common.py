@@ -1,3 +1,546 @@
-def pipeline_class(kind):
+"""The shared base of the diffusers adapters.
+
+`DiffusersPolicy` puts a diffusers pipeline's own components behind the `Policy`
+protocol; a subclass per model family supplies the few model-specific pieces (VAE
+latent normalisation, token packing, position ids, text encoding, the transformer
+call), each by calling the pipeline's own helpers.
+
+Conventions shared by all backends:
+
+* Latents seen by the trainers are *spatial* ``(C, h, w)`` tensors, normalised as the
+  pipeline normalises them (FLUX.1 shift/scale, Qwen mean/std, FLUX.2 batch-norm of
+  patchified latents), in float32 on the caller's device. ``velocity`` packs them
+  into tokens, runs the transformer (in ``model.dtype``) on ``model.device`` and
+  returns float32 on the caller's device, so SDE log-probs are float32.
+* Diffusers' flow transformers take ``timestep = sigma`` (the pipelines pass
+  ``t / 1000`` and scale inside) and predict ``noise - x0``: the `Policy` velocity.
+* The adapters generate at ``model.image_size`` and encode references at
+  ``model.ref_size`` (square, bilinear resize), whatever size the data has.
+* A sample's velocity never depends on the rest of the batch: the batch is split
+  into groups with the same number of references (same token layout and position
+  ids) and each group is one transformer call; text is padded to a fixed length or
+  masked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refrl.data.schema import LoadedSample
+from refrl.errors import RefrlError
+from refrl.models.diffusers.options import DIFFUSERS_KINDS
+from refrl.models.diffusers.text_cache import TextEmbeddingCache
+
+CONFIG_NAME = "config.json"
+ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
+MERGED_WEIGHTS_NAME = "merged-{}.safetensors"
+TRANSFORMER_DIR = "transformer"  # full fine-tunes save the whole transformer here
+FORMAT = "refrl-diffusers-policy"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class DiffusersCondition:
+    """Encoded prompts + references of a batch; rows of ``index`` point into the base batch.
+
+    ``select`` only composes ``index``, so repeating a condition G times (GRPO groups)
+    copies nothing; tensors are gathered per transformer call.
+    """
+
+    text: dict[str, torch.Tensor]  # (B0, ...) each
+    refs: torch.Tensor  # (B0, max_refs * tokens_per_ref, C) packed reference latents, zero-padded
+    n_refs: torch.Tensor  # (B0,) long, on CPU
+    ref_grid: tuple[int, int]  # token grid (h, w) of one reference
+    index: torch.Tensor  # (B,) long, on CPU
+    kv: dict[int, Any] = field(default_factory=dict)  # per reference count: cached reference keys/values
+
+    def select(self, index: torch.Tensor) -> DiffusersCondition:
+        return replace(self, index=self.index[torch.as_tensor(index, dtype=torch.long).cpu()])
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+def pipeline_class(kind: str) -> type:
     import diffusers
-    return {"flux2-klein": diffusers.Flux2KleinPipeline, "qwen-edit-plus": diffusers.QwenImageEditPlusPipeline, "kontext": diffusers.FluxKontextPipeline}[kind]
+
+    classes = {"flux2-klein": "Flux2KleinPipeline", "qwen-edit-plus": "QwenImageEditPlusPipeline",
+               "kontext": "FluxKontextPipeline"}
+    if kind not in classes:
+        raise RefrlError(f"unknown diffusers kind {kind!r}; allowed: {', '.join(classes)}")
+    return getattr(diffusers, classes[kind])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` under accelerate/torchrun) if there is one, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def lora_target_names(module: nn.Module, suffixes: Sequence[str]) -> list[str]:
+    """Full names of the ``nn.Linear`` layers whose name ends with one of ``suffixes``
+    (dotted, e.g. ``to_out.0``); raises RefrlError naming suffixes that match nothing."""
+    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    names, unknown = [], []
+    for suffix in suffixes:
+        hits = [n for n in linears if n == suffix or n.endswith("." + suffix)]
+        (names.extend(hits) if hits else unknown.append(suffix))
+    if unknown:
+        leaves = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in linears})
+        raise RefrlError(f"unknown LoRA target modules {unknown}; linear layers of this transformer: {leaves}")
+    return sorted(set(names))
+
+
+def _flags(drop: torch.Tensor | None, batch: int, name: str) -> list[bool]:
+    if drop is None:
+        return [False] * batch
+    if tuple(drop.shape) != (batch,):
+        raise ValueError(f"{name} must be a bool tensor of shape ({batch},), got shape {tuple(drop.shape)}")
+    return [bool(d) for d in drop.tolist()]
+
+
+def resize_square(image: torch.Tensor, size: int, where: str) -> torch.Tensor:
+    """(3, H, W) in [0, 1] -> (3, size, size), bilinear with antialiasing."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise RefrlError(f"{where}: expected a float tensor (3, H, W) in [0, 1], got {shape}")
+    image = image.float()
+    if tuple(image.shape[1:]) != (size, size):
+        image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return image.clamp(0, 1)
+
+
+class DiffusersPolicy(nn.Module):
+    """Base adapter: a diffusers pipeline's components behind the `Policy` protocol (see module doc)."""
+
+    kind: ClassVar[str]
+    text_components: ClassVar[tuple[str, ...]]  # pipeline parts used only to encode text
+    skipped_components: ClassVar[tuple[str, ...]] = ()  # parts the adapter never uses
+    default_lora_targets: ClassVar[tuple[str, ...]]
+    transformer_class_name: ClassVar[str]
+
+    def __init__(self, pipe: Any, cfg: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.opts = cfg.diffusers
+        self.__dict__["pipe"] = pipe  # not a Module: keep it out of the module tree
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.text_encoders = nn.ModuleDict(
+            {n: getattr(pipe, n) for n in self.text_components if isinstance(getattr(pipe, n, None), nn.Module)}
+        )
+        self.dtype = DTYPES[cfg.dtype]
+        self.device_ = resolve_device(cfg.device)
+        self.requires_grad_(False)
+        self.to(self.device_, self.dtype)
+        self.text_cache = TextEmbeddingCache(cfg.text_cache)
+        self.text_encoded = 0  # text-encoder calls (cache misses), for tests and logs
+        self.lora_config: dict[str, Any] | None = None
+        self.merged_adapters: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
+        self.full_finetune = False
+        multiple = self.latent_multiple
+        for name, size in (("image_size", cfg.image_size), ("ref_size", cfg.ref_size)):
+            if size % multiple:
+                raise RefrlError(f"model.{name}={size} must be a multiple of {multiple} for {self.kind}")
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing(checkpoint_with_fresh_kwargs)
+        self.eval()
+
+    @classmethod
+    def from_config(cls, cfg: Any, transformer_dir: str | Path | None = None) -> DiffusersPolicy:
+        """Load the pipeline named by ``cfg.pretrained`` (only the parts the adapter uses)."""
+        from refrl.models.diffusers.loading import load_pipeline, resolve_pretrained
+
+        text = list(cls.text_components) if cfg.diffusers.load_text_encoder else []
+        skip = list(cls.skipped_components) + ([] if text else list(cls.text_components))
+        needed = ["vae", "scheduler", *text] + ([] if transformer_dir is not None else ["transformer"])
+        location = resolve_pretrained(cfg.pretrained, needed)
+        extra = cls._ready_made_components(location, text)
+        if transformer_dir is not None:
+            import diffusers
+
+            transformer_cls = getattr(diffusers, cls.transformer_class_name)
+            extra["transformer"] = transformer_cls.from_pretrained(transformer_dir, dtype=DTYPES[cfg.dtype])
+        pipe = load_pipeline(pipeline_class(cls.kind), location, skip=skip, extra=extra,
+                             torch_dtype=DTYPES[cfg.dtype], source=cfg.pretrained)
+        return cls(pipe, cfg)
+
+    @classmethod
+    def _ready_made_components(cls, location: str, text: list[str]) -> dict[str, Any]:
+        """Components the adapter builds itself instead of ``from_pretrained`` (none by default)."""
+        return {}
+
+    # -- model-specific hooks ----------------------------------------------------------
+    vae_factor: int  # pixels per spatial latent cell
+
+    @property
+    def latent_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE factor x 2x2 packing)."""
+        return self.vae_factor * 2
+
+    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] (model dtype, device) -> normalised spatial latents."""
+        raise NotImplementedError
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised spatial latents -> images in [-1, 1]."""
+        raise NotImplementedError
+
+    def _pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> tokens (B, N, C')."""
+        raise NotImplementedError
+
+    def _unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _token_grid(self, h: int, w: int) -> tuple[int, int]:
+        """Token grid of a spatial latent of size (h, w)."""
+        return h // 2, w // 2
+
+    def _text_key(self, prompt: str, refs: list[torch.Tensor]) -> str:
+        raise NotImplementedError
+
+    def _encode_text(self, prompts: list[str], refs: list[list[torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """One dict of un-batched tensors per prompt (refs: each sample's kept references)."""
+        raise NotImplementedError
+
+    def _collate_text(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {k: torch.stack([it[k] for it in items]).to(self.device_, self.dtype) for k in items[0]}
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, grid: tuple[int, int], cond: DiffusersCondition,
+                 rows: torch.Tensor, n_refs: int) -> torch.Tensor:
+        """Velocity tokens of noisy tokens ``x`` (B, N, C) for base rows ``rows`` with ``n_refs`` references."""
+        raise NotImplementedError
+
+    def _reference_order(self, sample: LoadedSample) -> list[int]:
+        return list(range(sample.n_refs))
+
+    def _prepare_kv(self, cond: DiffusersCondition) -> None:
+        """Backends with cacheable reference keys/values fill ``cond.kv`` here."""
+
+    # -- Policy: condition -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.device_
+
+    def encode_condition(self, samples: Sequence[LoadedSample], drop_text: torch.Tensor | None = None,
+                         drop_refs: torch.Tensor | None = None) -> DiffusersCondition:
+        b = len(samples)
+        no_text, no_refs = _flags(drop_text, b, "drop_text"), _flags(drop_refs, b, "drop_refs")
+        kept: list[list[torch.Tensor]] = []
+        for s, dt, dr in zip(samples, no_text, no_refs, strict=True):
+            if len(s.ref_types) != s.n_refs:
+                raise RefrlError(f"sample {s.id!r} has {s.n_refs} reference images but {len(s.ref_types)} types")
+            if dr and not (dt and self.opts.cfg_keep_refs):
+                kept.append([])
+                continue
+            kept.append([resize_square(s.ref_images[j], self.cfg.ref_size, f"sample {s.id!r} reference {j + 1}")
+                         for j in self._reference_order(s)])
+        prompts = [self.opts.negative_prompt if dt else s.prompt for s, dt in zip(samples, no_text, strict=True)]
+        text = self._collate_text(self._text_embeddings(prompts, kept))
+        n_refs = torch.tensor([len(k) for k in kept], dtype=torch.long)
+        grid = self._token_grid(*self._latent_hw(self.cfg.ref_size))
+        tokens_per_ref = grid[0] * grid[1]
+        flat = [im for k in kept for im in k]
+        if flat:
+            with torch.no_grad():
+                lat = self._vae_encode(torch.stack(flat).to(self.device_, self.dtype) * 2 - 1)
+            ref_tok = self._pack(lat)  # (sum n, T, C)
+            width = ref_tok.shape[-1]
+        else:
+            ref_tok, width = None, self.transformer.config.in_channels
+        refs = torch.zeros(b, int(n_refs.max()) * tokens_per_ref, width, device=self.device_, dtype=self.dtype)
+        start = 0
+        for i, n in enumerate(n_refs.tolist()):
+            if n:
+                refs[i, : n * tokens_per_ref] = ref_tok[start : start + n].reshape(n * tokens_per_ref, width)
+                start += n
+        cond = DiffusersCondition(text=text, refs=refs, n_refs=n_refs, ref_grid=grid, index=torch.arange(b))
+        self._prepare_kv(cond)
+        return cond
+
+    def select_condition(self, condition: DiffusersCondition, index: torch.Tensor) -> DiffusersCondition:
+        return condition.select(index)
+
+    def _text_embeddings(self, prompts: list[str], refs: list[list[torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        keys = [self._text_key(p, r) for p, r in zip(prompts, refs, strict=True)]
+        found = [self.text_cache.get(k) for k in keys]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            if not self.text_encoders:
+                raise RefrlError(
+                    f"no precomputed text embedding for prompt {prompts[todo[0]]!r} in model.text_cache="
+                    f"{self.cfg.text_cache} and the text encoder is not loaded (model.diffusers.load_text_encoder="
+                    "false); precompute with policy.precompute_text(samples) on a machine that loads it"
+                )
+            with torch.no_grad():
+                new = self._encode_text([prompts[i] for i in todo], [refs[i] for i in todo])
+            self.text_encoded += len(todo)
+            for i, value in zip(todo, new, strict=True):
+                self.text_cache.put(keys[i], value)
+                found[i] = self.text_cache.get(keys[i])
+        return found  # type: ignore[return-value]
+
+    def precompute_text(self, samples: Sequence[LoadedSample], with_negative: bool = True) -> int:
+        """Encode and store (in ``model.text_cache``) the text of ``samples`` and, with
+        ``with_negative``, of their unconditional branch; returns how many were encoded."""
+        before = self.text_encoded
+        b = len(samples)
+        self.encode_condition(samples)
+        if with_negative:
+            yes, no = torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
+            self.encode_condition(samples, drop_text=yes, drop_refs=no)
+            self.encode_condition(samples, drop_text=yes, drop_refs=yes)
+        return self.text_encoded - before
+
+    # -- Policy: denoiser and latents --------------------------------------------------
+    def _latent_hw(self, size: int) -> tuple[int, int]:
+        side = size // self.vae_factor
+        return side, side
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """The latent of one image at ``model.image_size`` (the requested size is not used:
+        the adapter generates at its configured resolution)."""
+        h, w = self._latent_hw(self.cfg.image_size)
+        return (self.latent_channels, h, w)
+
+    @property
+    def latent_channels(self) -> int:
+        raise NotImplementedError
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, condition: DiffusersCondition) -> torch.Tensor:
+        b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        if len(condition) != b:
+            raise ValueError(f"condition has {len(condition)} rows but x has batch {b}")
+        tokens = self._pack(x.to(self.device_, self.dtype))
+        sigma = sigma.to(self.device_, torch.float32).reshape(b)
+        counts = condition.n_refs[condition.index]
+        pieces, order = [], []
+        for n in sorted(set(counts.tolist())):
+            pos = (counts == n).nonzero().flatten()
+            rows = condition.index[pos]
+            pos_dev = pos.to(self.device_)
+            pieces.append(self._forward(tokens[pos_dev], sigma[pos_dev], self._token_grid(h, w), condition, rows, n))
+            order.append(pos)
+        v = torch.cat(pieces)[torch.argsort(torch.cat(order)).to(self.device_)]
+        return self._unpack(v, h, w).to(x.device, torch.float32)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, condition: DiffusersCondition) -> torch.Tensor:
+        return self.velocity(x, sigma, condition)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.cfg.image_size
+        pix = torch.stack([resize_square(im, size, f"image {i}") for i, im in enumerate(images)])
+        with torch.no_grad():
+            lat = self._vae_encode(pix.to(self.device_, self.dtype) * 2 - 1)
+        return lat.to(images.device, torch.float32)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            img = self._vae_decode(latents.to(self.device_, self.dtype))
+        return ((img.float() + 1) / 2).clamp(0, 1).to(latents.device)
+
+    def train(self, mode: bool = True) -> DiffusersPolicy:
+        super().train(mode)
+        self.vae.eval()  # frozen parts stay in eval mode (no dropout/BN updates)
+        self.text_encoders.eval()
+        return self
+
+    # -- Policy: training --------------------------------------------------------------
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.transformer.parameters() if p.requires_grad)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_config is not None
+
+    def enable_lora(self, rank: int, alpha: float, target_modules: Sequence[str] | None = None,
+                    dropout: float = 0.0) -> None:
+        """peft LoRA on the transformer's linears named by ``target_modules`` (suffixes);
+        LoRA weights are float32 whatever the base dtype, and only they train."""
+        from peft import LoraConfig
+
+        if self.has_lora:
+            raise RuntimeError("LoRA is already enabled on this policy")
+        targets = list(target_modules or self.default_lora_targets)
+        names = lora_target_names(self.transformer, targets)
+        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=dropout,
+                                                init_lora_weights=True), adapter_name=ADAPTER_NAME)
+        for n, p in self.transformer.named_parameters():
+            if ".lora_" in n:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        self.lora_config = {"rank": rank, "alpha": alpha, "target_modules": targets, "dropout": dropout}
+
+    def enable_full_finetune(self) -> None:
+        self.transformer.requires_grad_(True)
+        self.full_finetune = True
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        if not self.has_lora:
+            raise NotImplementedError(f"{type(self).__name__} has no LoRA adapter; keep a frozen copy instead")
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.transformer, state, adapter_name=ADAPTER_NAME)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise RefrlError(f"adapter weights do not match the LoRA config: unexpected {unexpected[:5]}")
+
+    def merge_lora(self) -> None:
+        """Fold the current LoRA into the base weights (e.g. SFT before GRPO); it is kept
+        in ``merged_adapters`` so that ``save_pretrained`` can rebuild the same model."""
+        if not self.has_lora:
+            return
+        self.merged_adapters.append((dict(self.lora_config), self.adapter_state_dict()))
+        self.transformer.fuse_lora(adapter_names=[ADAPTER_NAME])
+        self.transformer.unload_lora()
+        self.lora_config = None
+        self.transformer.requires_grad_(False)
+
+    # -- persistence -------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """``config.json`` (kind, base model, model config, LoRA configs) + LoRA weights; a full
+        fine-tune also writes ``transformer/``. The base weights stay where ``pretrained`` says."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in [ADAPTER_WEIGHTS_NAME, *(p.name for p in directory.glob(MERGED_WEIGHTS_NAME.format("*")))]:
+            (directory / stale).unlink(missing_ok=True)
+        model = self.cfg.model_dump(mode="json")
+        model["init"] = None
+        pretrained = model.get("pretrained")
+        if pretrained and Path(pretrained).expanduser().is_dir():
+            model["pretrained"] = str(Path(pretrained).expanduser().resolve())
+        for i, (config, state) in enumerate(self.merged_adapters):
+            save_file(state, str(directory / MERGED_WEIGHTS_NAME.format(i)), metadata={"format": "pt"})
+        if self.has_lora:
+            save_file(self.adapter_state_dict(), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.full_finetune:
+            self.transformer.save_pretrained(directory / TRANSFORMER_DIR, safe_serialization=True)
+        info = {"format": FORMAT, "kind": self.kind, "pretrained": model.get("pretrained"), "model": model,
+                "lora": self.lora_config, "merged_adapters": [c for c, _ in self.merged_adapters],
+                "full_finetune": self.full_finetune}
+        (directory / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def checkpoint_with_fresh_kwargs(module: nn.Module, *args: Any) -> Any:
+    """Activation checkpointing that gives each block its own copy of dict arguments.
+
+    diffusers' FLUX.2 forward reuses one kwargs dict for every block and sets the
+    block's key/value cache in it before each call; a non-reentrant checkpoint
+    recomputes the block during backward with the dict as it is *then* (the last
+    block's cache), which silently corrupts gradients. Copying dicts at call time
+    pins each block's own entries.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+    return checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def backend_class(kind: str) -> type[DiffusersPolicy]:
+    if kind == "flux2-klein":
+        from refrl.models.diffusers.flux2_klein import Flux2KleinPolicy as cls
+    elif kind == "qwen-edit-plus":
+        from refrl.models.diffusers.qwen_edit_plus import QwenEditPlusPolicy as cls
+    elif kind == "kontext":
+        from refrl.models.diffusers.kontext import KontextPolicy as cls
+    else:
+        raise RefrlError(f"unknown diffusers kind {kind!r}; allowed: {', '.join(DIFFUSERS_KINDS)}")
+    return cls
+
+
+def build_base(cfg: Any) -> DiffusersPolicy:
+    """The adapter of ``cfg.kind`` on the pretrained pipeline (no LoRA yet)."""
+    if not cfg.pretrained:
+        raise RefrlError(f"model.kind={cfg.kind} needs model.pretrained (a hub id or a local pipeline folder)")
+    return backend_class(cfg.kind).from_config(cfg)
+
+
+def build_diffusers_policy(cfg: Any) -> DiffusersPolicy:
+    """A fresh adapter from ``cfg`` (or ``cfg.init`` loaded with its LoRA merged), then a
+    new LoRA of ``cfg.lora_rank`` (or a full fine-tune when the rank is 0)."""
+    if cfg.init:
+        from refrl.models.build import resolve_checkpoint
+
+        policy = load_diffusers_policy(resolve_checkpoint(cfg.init), overrides=cfg)
+        policy.merge_lora()  # the starting model is the reference of the new adapter
+    else:
+        policy = build_base(cfg)
+    if cfg.lora_rank > 0:
+        policy.enable_lora(cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets)
+    else:
+        policy.enable_full_finetune()
+    return policy
+
+
+def load_diffusers_policy(directory: str | Path, overrides: Any = None) -> DiffusersPolicy:
+    """Rebuild a saved adapter: base pipeline, merged adapters in order, then the live LoRA.
+
+    ``overrides`` (a ModelConfig) replaces runtime settings (device, dtype, checkpointing,
+    text cache) but not what defines the model (kind, base model, resolution)."""
+    from safetensors.torch import load_file
+
+    from refrl.models.build import ModelConfig
+
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RefrlError(f"{path}: cannot read ({e})") from None
+    if info.get("format") != FORMAT:
+        raise RefrlError(f"{path} is not a saved diffusers policy (format {info.get('format')!r})")
+    model = dict(info["model"])
+    if overrides is not None:
+        for key in ("device", "dtype", "gradient_checkpointing", "text_cache"):
+            model[key] = getattr(overrides, key)
+    cfg = ModelConfig.model_validate(model)
+    needed = [MERGED_WEIGHTS_NAME.format(i) for i in range(len(info.get("merged_adapters", [])))]
+    needed += [ADAPTER_WEIGHTS_NAME] if info.get("lora") else []
+    missing = [n for n in needed if not (directory / n).is_file()]
+    if info.get("full_finetune") and not (directory / TRANSFORMER_DIR).is_dir():
+        missing.append(TRANSFORMER_DIR + "/")
+    if missing:
+        raise RefrlError(f"cannot load the policy in {directory}: missing {', '.join(missing)}")
+    transformer_dir = directory / TRANSFORMER_DIR if info.get("full_finetune") else None
+    policy = backend_class(cfg.kind).from_config(cfg, transformer_dir=transformer_dir)
+    for i, lora in enumerate(info.get("merged_adapters", [])):
+        policy.enable_lora(**lora)
+        policy.load_adapter_state_dict(load_file(str(directory / MERGED_WEIGHTS_NAME.format(i))))
+        policy.merge_lora()
+    if info.get("lora"):
+        policy.enable_lora(**info["lora"])
+        policy.load_adapter_state_dict(load_file(str(directory / ADAPTER_WEIGHTS_NAME)))
+    elif info.get("full_finetune"):
+        policy.enable_full_finetune()
+    return policy

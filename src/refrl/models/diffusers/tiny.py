@@ -41,6 +41,9 @@ QWEN3_CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 TINY_KINDS = ("flux2-klein", "qwen-edit-plus", "kontext")
+TINY_IMAGE_SIZE = 32
+# FLUX.2 pipelines refuse references under 64 px.
+TINY_REF_SIZE = {"flux2-klein": 64, "qwen-edit-plus": 32, "kontext": 32}
 # Model options that fit the tiny components (merge into `ModelConfig.diffusers`).
 TINY_OPTIONS: dict[str, dict[str, Any]] = {
     "flux2-klein": {"text_encoder_out_layers": [1, 2], "max_text_tokens": 24},
@@ -125,8 +128,10 @@ def tiny_flux2_klein_components(seed: int = 0) -> dict[str, Any]:
 def tiny_qwen_edit_plus_components(seed: int = 0) -> dict[str, Any]:
     """Qwen-Image-Edit-Plus: 1 MMDiT block, the causal 3-D VAE (x4 down), a 2-layer Qwen2.5-VL."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from refrl.models.diffusers.qwen_edit_plus import image_only_processor
 
     z_dim = 4
     torch.manual_seed(seed)
@@ -158,7 +163,7 @@ def tiny_qwen_edit_plus_components(seed: int = 0) -> dict[str, Any]:
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=patch, merge_size=merge, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=64 * 64,
     )
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = image_only_processor(image_processor, tokenizer)
     return {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": vae, "text_encoder": text_encoder,
             "tokenizer": tokenizer, "processor": processor, "transformer": transformer}
 
@@ -202,6 +207,30 @@ TINY_BUILDERS = {
 }
 
 
+def tiny_model_config(kind: str, pretrained: str | Path, **overrides: Any):
+    """A `ModelConfig` of ``kind`` sized for the tiny components (32 px images)."""
+    from refrl.models.build import ModelConfig
+
+    data: dict[str, Any] = {"kind": kind, "pretrained": str(pretrained), "image_size": TINY_IMAGE_SIZE,
+                            "ref_size": TINY_REF_SIZE[kind], "device": "cpu"}
+    options = dict(TINY_OPTIONS[kind])
+    options.update(overrides.pop("diffusers", {}))
+    data.update(overrides)
+    data["diffusers"] = options
+    return ModelConfig.model_validate(data)
+
+
+def quantize_sample(sample, n_refs: int | None = None):
+    """A copy of a `LoadedSample` (optionally with its first ``n_refs`` references) whose
+    images lie on the uint8 grid, so that PIL round trips in the pipelines are exact."""
+    from refrl.data.schema import LoadedSample
+
+    q = lambda im: None if im is None else (im * 255).round() / 255  # noqa: E731
+    refs = sample.ref_images[:n_refs] if n_refs else sample.ref_images
+    return LoadedSample(sample.id, sample.prompt, [q(r) for r in refs], list(sample.ref_types[: len(refs)]),
+                        target=q(sample.target), mask=sample.mask, category=sample.category, extra=sample.extra)
+
+
 def tiny_pipeline(kind: str, seed: int = 0):
     """The diffusers pipeline of ``kind`` assembled from tiny components (in memory)."""
     from refrl.models.diffusers.common import pipeline_class
@@ -213,6 +242,18 @@ def tiny_pipeline(kind: str, seed: int = 0):
 
 def save_tiny_pipeline(kind: str, folder: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline of ``kind`` as a diffusers folder; returns the folder."""
+    import json
+
     folder = Path(folder)
-    tiny_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
+    pipe = tiny_pipeline(kind, seed)
+    processor = getattr(pipe, "processor", None)
+    if processor is not None:  # an image-only processor cannot save itself: write its parts
+        pipe.register_modules(processor=None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    if processor is not None:
+        processor.image_processor.save_pretrained(folder / "processor")
+        processor.tokenizer.save_pretrained(folder / "processor")
+        index = json.loads((folder / "model_index.json").read_text())
+        index["processor"] = ["transformers", "Qwen2VLProcessor"]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder

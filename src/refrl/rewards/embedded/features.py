@@ -44,9 +44,6 @@ N_CHANNELS = N_COLOUR + N_STRUCTURE
 COLOUR = slice(0, N_COLOUR)
 STRUCTURE = slice(N_COLOUR, N_CHANNELS)
 
-_BINOMIAL = torch.tensor([1.0, 2.0, 1.0]) / 4.0
-
-
 def _check_images(images: torch.Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W); got shape {tuple(images.shape)}")
@@ -59,36 +56,45 @@ def opponent_colour(images: torch.Tensor) -> torch.Tensor:
     return opp - torch.tensor([GREY, 0.0, 0.0], dtype=images.dtype).view(1, 3, 1, 1)
 
 
+def replicate_pad(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Pad the last two dims of (..., H, W) by ``d`` copies of the edge (faster than F.pad's replicate mode)."""
+    rows = (*x.shape[:-2], d, x.shape[-1])
+    x = torch.cat([x[..., :1, :].expand(rows), x, x[..., -1:, :].expand(rows)], dim=-2)
+    cols = (*x.shape[:-1], d)
+    return torch.cat([x[..., :1].expand(cols), x, x[..., -1:].expand(cols)], dim=-1)
+
+
 def binomial_blur(x: torch.Tensor) -> torch.Tensor:
-    """Separable [1,2,1]/4 blur per channel with replicate padding; shape preserved."""
-    b, c, h, w = x.shape
-    k = _BINOMIAL.to(x)
-    kernel = (k[:, None] * k[None, :]).expand(c, 1, 3, 3)
-    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
+    """Separable [1,2,1]/4 blur per channel of (..., H, W) with replicate padding; shape preserved.
+
+    Written with shifted slices rather than a depthwise convolution: several times faster on CPU.
+    """
+    p = replicate_pad(x, 1)
+    rows = p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]
+    return (rows[..., :-2] + 2 * rows[..., 1:-1] + rows[..., 2:]) / 16.0
 
 
-def _oriented_kernels(distance: int, dtype: torch.dtype) -> torch.Tensor:
-    """(4,1,k,k) central-difference kernels ``(x[p+d·u] - x[p-d·u]) / (2d·|u|)`` for the 4 orientations."""
-    size = 2 * distance + 1
-    kernels = torch.zeros(len(ORIENTATIONS_DEG), 1, size, size, dtype=dtype)
-    c = distance
-    for i, deg in enumerate(ORIENTATIONS_DEG):
-        dy, dx = {0: (0, 1), 45: (-1, 1), 90: (1, 0), 135: (1, 1)}[deg]
-        norm = 2 * distance * math.hypot(dx, dy)
-        kernels[i, 0, c + dy * distance, c + dx * distance] = 1 / norm
-        kernels[i, 0, c - dy * distance, c - dx * distance] = -1 / norm
-    return kernels
+# Unit steps (dy, dx) of the four orientations, in image coordinates (y down).
+_STEPS = {0: (0, 1), 45: (-1, 1), 90: (1, 0), 135: (1, 1)}
 
 
 def oriented_energy(opp: torch.Tensor, distance: int) -> torch.Tensor:
-    """(B,3,H,W) opponent colour -> (B,4,H,W): ``Σ_channels |∂_θ channel|`` at one scale."""
-    b, c, h, w = opp.shape
-    x = opp.reshape(b * c, 1, h, w)
-    if distance > 1:
-        x = binomial_blur(x)
-    kernels = _oriented_kernels(distance, opp.dtype)
-    grad = F.conv2d(F.pad(x, (distance,) * 4, mode="replicate"), kernels)
-    return grad.abs().reshape(b, c, len(ORIENTATIONS_DEG), h, w).sum(1)
+    """(B,3,H,W) opponent colour -> (B,4,H,W): ``Σ_channels |x[p+d·u] − x[p−d·u]| / (2d·|u|)`` per orientation u.
+
+    At ``distance`` > 1 the channels are binomial-blurred first (the coarser scale).
+    """
+    x = binomial_blur(opp) if distance > 1 else opp
+    h, w = x.shape[-2:]
+    d = distance
+    p = replicate_pad(x, d)
+    energies = []
+    for deg in ORIENTATIONS_DEG:
+        dy, dx = _STEPS[deg]
+        ahead = p[..., d + dy * d : d + dy * d + h, d + dx * d : d + dx * d + w]
+        behind = p[..., d - dy * d : d - dy * d + h, d - dx * d : d - dx * d + w]
+        norm = 2 * d * math.hypot(dx, dy)
+        energies.append(((ahead - behind).abs() / norm).sum(1))
+    return torch.stack(energies, dim=1)
 
 
 def local_features(images: torch.Tensor) -> torch.Tensor:

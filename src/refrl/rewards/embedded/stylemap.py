@@ -9,9 +9,9 @@ Two base models are fitted on the chart and the one with the lower residual is k
 
 * ``affine``: ``B(c) = A·[c, 1]``, least squares (warm, cool, grayscale, invert,
   sepia, channel swap; exact up to clipping);
-* ``curves``: ``B(c)_o = f_o(c_o)``, one piecewise-constant curve per channel
-  (``CURVE_BINS`` bins, each the mean reference value of its chart pixels):
-  per-channel transforms that are not affine (posterize, clipped gains).
+* ``curves``: ``B(c)_o = f_o(c_o)``, one curve per channel: ``f_o(v)`` is the median
+  reference value of the chart pixels whose channel o has the chart value nearest
+  to v: per-channel transforms that are not affine (posterize, clipped gains).
 
 Then ``T(c) = B(c) + Σ_k w_k·(S_k − B(C_k))`` adds the residual of the ``k`` chart
 colours ``C_k`` nearest to ``c`` (reference colours ``S_k``, inverse-distance weights),
@@ -25,28 +25,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from refrl.errors import RefrlError
 
 NEAREST_CHART_COLOURS = 4  # k in the residual correction
 INVERSE_DISTANCE_EPS = 1e-3
-CURVE_BINS = 64
 BASE_MODELS = ("affine", "curves")
 
 
 def exemplar_chart(size: int) -> torch.Tensor:
-    """The un-styled RefWorld style exemplar as (3, size, size) float32 in [0, 1]."""
+    """The un-styled RefWorld style exemplar as (3, size, size) float32 in [0, 1].
+
+    Not quantised: RefWorld styles the exact chart and quantises the result to 1/255,
+    so the exact values locate a transform's thresholds (posterize) best.
+    """
     from refrl.data.refworld.effects import style_chart
 
-    chart = torch.from_numpy(style_chart(size).copy()).permute(2, 0, 1)
-    # RefWorld quantises every image to 1/255 steps; do the same so the fit is exact.
-    return torch.round(chart.clamp(0, 1) * 255.0) / 255.0
-
-
-def _curve_bins(colours: torch.Tensor) -> torch.Tensor:
-    return (colours.clamp(0, 1) * CURVE_BINS).long().clamp(max=CURVE_BINS - 1)
+    return torch.from_numpy(style_chart(size).copy()).permute(2, 0, 1).clamp(0, 1)
 
 
 @dataclass
@@ -55,7 +51,8 @@ class StyleMap:
 
     base: str  # "affine" | "curves"
     affine: torch.Tensor  # (4, 3): B(c) = [c, 1] @ affine (used when base == "affine")
-    curves: torch.Tensor  # (3, CURVE_BINS): B(c)_o = curves[o, bin(c_o)] (when base == "curves")
+    curve_x: list[torch.Tensor]  # per channel: the distinct chart values (sorted)
+    curve_y: list[torch.Tensor]  # per channel: the median reference value at each of them
     chart_colours: torch.Tensor  # (N, 3) distinct un-styled chart colours C
     residuals: torch.Tensor  # (N, 3) S - B(C)
     base_rmse: float  # RMSE of the base model alone over the chart
@@ -63,7 +60,7 @@ class StyleMap:
     def base_map(self, flat: torch.Tensor) -> torch.Tensor:
         if self.base == "affine":
             return torch.cat([flat, torch.ones(flat.shape[0], 1)], dim=1) @ self.affine
-        return torch.gather(self.curves.T, 0, _curve_bins(flat))
+        return torch.stack([_nearest_lookup(self.curve_x[o], self.curve_y[o], flat[:, o]) for o in range(3)], dim=1)
 
     def __call__(self, colours: torch.Tensor) -> torch.Tensor:
         """Apply T to colours (..., 3) in [0, 1]; returns the same shape, clipped to [0, 1]."""
@@ -81,21 +78,26 @@ class StyleMap:
         return self(image.permute(1, 2, 0)).permute(2, 0, 1).contiguous()
 
 
-def _fit_curves(chart: torch.Tensor, styled: torch.Tensor) -> torch.Tensor:
-    """(3, CURVE_BINS) bin means of each styled channel given the same chart channel.
+def _nearest_lookup(xs: torch.Tensor, ys: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ys at the entry of sorted ``xs`` nearest to each value of ``v``."""
+    right = torch.searchsorted(xs, v.contiguous()).clamp(max=xs.shape[0] - 1)
+    left = (right - 1).clamp(min=0)
+    pick = torch.where((v - xs[left]).abs() <= (xs[right] - v).abs(), left, right)
+    return ys[pick]
 
-    Bins no chart pixel falls in are linearly interpolated from the filled ones.
-    """
-    bins = _curve_bins(chart)
-    centres = ((torch.arange(CURVE_BINS) + 0.5) / CURVE_BINS).numpy()
-    curves = torch.zeros(3, CURVE_BINS)
+
+def _fit_curves(chart: torch.Tensor, styled: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per channel o: distinct chart values and the median styled value of the pixels holding each."""
+    xs, ys = [], []
     for o in range(3):
-        sums = torch.zeros(CURVE_BINS).index_add_(0, bins[:, o], styled[:, o])
-        counts = torch.zeros(CURVE_BINS).index_add_(0, bins[:, o], torch.ones(bins.shape[0]))
-        filled = (counts > 0).numpy()
-        means = (sums / counts.clamp(min=1)).numpy()
-        curves[o] = torch.from_numpy(np.interp(centres, centres[filled], means[filled])).float()
-    return curves
+        values, inverse = torch.unique(chart[:, o], return_inverse=True)
+        # Sort by (group, styled value); the median of a group is its middle element.
+        order = torch.argsort(inverse.double() * 4.0 + styled[:, o].double())
+        counts = torch.bincount(inverse, minlength=values.shape[0])
+        starts = torch.cumsum(counts, 0) - counts
+        xs.append(values)
+        ys.append(styled[order, o][starts + (counts - 1) // 2])
+    return xs, ys
 
 
 def fit_style_map(style_reference: torch.Tensor) -> StyleMap:
@@ -107,13 +109,16 @@ def fit_style_map(style_reference: torch.Tensor) -> StyleMap:
         )
     chart = exemplar_chart(shape[-1]).reshape(3, -1).T
     styled = style_reference.float().reshape(3, -1).T
-    affine = torch.linalg.lstsq(torch.cat([chart, torch.ones(chart.shape[0], 1)], dim=1), styled).solution
-    curves = _fit_curves(chart, styled)
+    # float64 normal equations: LAPACK's float32 least squares is not bitwise reproducible
+    # across calls, and a reward must be (exact resume replays rewards).
+    design = torch.cat([chart, torch.ones(chart.shape[0], 1)], dim=1).double()
+    affine = torch.linalg.solve(design.T @ design, design.T @ styled.double()).float()
+    curve_x, curve_y = _fit_curves(chart, styled)
     colours, inverse = torch.unique(chart, dim=0, return_inverse=True)
     counts = torch.zeros(colours.shape[0]).index_add_(0, inverse, torch.ones(inverse.shape[0]))
     best: StyleMap | None = None
     for base in BASE_MODELS:
-        candidate = StyleMap(base, affine, curves, colours, torch.zeros(colours.shape[0], 3), 0.0)
+        candidate = StyleMap(base, affine, curve_x, curve_y, colours, torch.zeros(colours.shape[0], 3), 0.0)
         residual = styled - candidate.base_map(chart)
         candidate.base_rmse = float(residual.pow(2).mean().sqrt())
         # One residual per distinct chart colour: the mean over its pixels.

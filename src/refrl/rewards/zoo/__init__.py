@@ -27,7 +27,7 @@ ZOO: dict[str, str] = {
     "dreamsim": "perceptual:DreamSimReward",
     "csd": "style:CsdReward",
     "hpsv2": "preference:Hpsv2Reward",
-    "hpsv3": "preference:Hpsv3Reward",
+    "hpsv3": "hpsv3:Hpsv3Reward",
     "image_reward": "preference:ImageRewardReward",
     "vlm_judge": "judge:VlmJudgeReward",
 }

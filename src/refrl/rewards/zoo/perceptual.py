@@ -195,6 +195,11 @@ class LpipsReward(SimilarityReward):
         d = self.model.distance_from_activations(self._unflatten(a.to(head)), self._unflatten(b.to(head)))
         return 1.0 - d.float().cpu()
 
+    def __call__(self, images: torch.Tensor, samples: Any) -> Any:
+        out = super().__call__(images, samples)
+        out.extras["lpips"] = 1.0 - out.scores  # the distance itself (mean over compared images)
+        return out
+
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the network as ``model.safetensors`` + ``config.json`` (loadable with checkpoint=folder)."""
         save_lpips_net(self.model, folder)
@@ -236,9 +241,9 @@ class DreamSimReward(SimilarityReward):
         if is_offline() and not has_weights:
             raise RefrlError(f"reward 'dreamsim': no DreamSim weights in cache_dir={cache_dir} and HF_HUB_OFFLINE is "
                              f"set; unpack the DreamSim release archive there, or pass cache_dir=/path/to/weights")
-        kwargs = {"dreamsim_type": dreamsim_type} if dreamsim_type != "ensemble" else {}
         try:
-            model, _ = dreamsim(pretrained=True, device=str(self.device), cache_dir=cache_dir, **kwargs)
+            model, _ = dreamsim(pretrained=True, device=str(self.device), cache_dir=cache_dir,
+                                dreamsim_type=dreamsim_type)
         except (OSError, RuntimeError, ValueError) as exc:
             raise RefrlError(f"reward 'dreamsim': cannot load weights into cache_dir={cache_dir}: "
                              f"{' '.join(str(exc).split())[:160]}") from exc

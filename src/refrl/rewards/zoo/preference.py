@@ -28,7 +28,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from refrl.errors import RefrlError
-from refrl.rewards.zoo.base import CLIP_MEAN, CLIP_STD, ZooReward, check_batch, normalize, resize_center_crop
+from refrl.rewards.zoo.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ZooReward,
+    check_batch,
+    normalize,
+    resize_center_crop,
+)
 from refrl.rewards.zoo.convert import blip_to_hf, openai_clip_to_hf, strip_prefix
 from refrl.rewards.zoo.loading import load_pretrained, load_tokenizer, resolve_file
 from refrl.rewards.zoo.vision_encoders import PromptReward

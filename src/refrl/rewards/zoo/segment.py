@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.rewards.embedded.cache import ReferenceCache, image_fingerprint
-from refrl.rewards.zoo.base import CLIP_MEAN, CLIP_STD, SimilarityReward, check_choice, normalize, resize_center_crop
+from refrl.rewards.zoo.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SimilarityReward,
+    check_choice,
+    normalize,
+    resize_center_crop,
+)
 from refrl.rewards.zoo.loading import is_offline, load_tokenizer, load_transformers, read_json
 from refrl.rewards.zoo.vision_encoders import DinoReward, Dinov2Reward
 

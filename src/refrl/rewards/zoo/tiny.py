@@ -192,7 +192,12 @@ TINY_IMAGE_REWARD = {"vision": {"hidden_size": TINY_WIDTH, "intermediate_size": 
 def _save_image_reward(folder: Path) -> dict[str, Any]:
     """A tiny BLIP + MLP written in ImageReward's original layout (``ImageReward.pt``: ``blip.*``, ``mlp.*``)."""
     from refrl.rewards.zoo.convert import hf_to_blip
-    from refrl.rewards.zoo.preference import IMAGE_REWARD_FILE, IMAGE_REWARD_TEXT, IMAGE_REWARD_VISION, ImageRewardModel
+    from refrl.rewards.zoo.preference import (
+        IMAGE_REWARD_FILE,
+        IMAGE_REWARD_TEXT,
+        IMAGE_REWARD_VISION,
+        ImageRewardModel,
+    )
 
     tok = save_word_tokenizer(folder)
     arch = {"vision": dict(TINY_IMAGE_REWARD["vision"]), "text": {**TINY_IMAGE_REWARD["text"], "vocab_size": len(tok)}}
@@ -201,6 +206,105 @@ def _save_image_reward(folder: Path) -> dict[str, Any]:
     original = {**hf_to_blip(state), **{k: v for k, v in state.items() if k.startswith("mlp.")}}
     torch.save(original, folder / IMAGE_REWARD_FILE)
     return {"checkpoint": str(folder / IMAGE_REWARD_FILE), "tokenizer": str(folder), "architecture": arch}
+
+
+def _save_csd(folder: Path) -> dict[str, Any]:
+    """A tiny CLIP vision tower + style head in CSD's original layout (``checkpoint.pth``:
+    ``model_state_dict`` with ``module.backbone.*`` OpenAI names and ``module.last_layer_style``), and the
+    tower's config in ``base/`` (the role of openai/clip-vit-large-patch14)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from refrl.rewards.zoo.convert import hf_clip_to_openai
+
+    config = CLIPVisionConfig(**_vision())
+    config.save_pretrained(folder / "base")
+    tower = CLIPVisionModel(config)
+    state = {"vision_model." + k.removeprefix("vision_model."): v for k, v in tower.state_dict().items()
+             if "position_ids" not in k}
+    original = {"module.backbone." + k[len("visual."):]: v for k, v in hf_clip_to_openai(state, with_text=False).items()}
+    original["module.last_layer_style"] = torch.randn(TINY_WIDTH, 16) / TINY_WIDTH**0.5
+    original["module.last_layer_content"] = torch.randn(TINY_WIDTH, 16) / TINY_WIDTH**0.5
+    torch.save({"epoch": 1, "model_state_dict": original}, folder / "checkpoint.pth")
+    return {"checkpoint": str(folder / "checkpoint.pth"), "base": str(folder / "base")}
+
+
+JSON_WORDS = ("{", "}", '"', ":", ",", "-", "subject", "style", "background", "layout", "lighting", "prompt",
+              "quality", "user", "assistant", "system", "you", "are", "helpful", "assistant", *map(str, range(11)))
+
+
+def save_qwen_tokenizer(folder: Path, extra_special: tuple[str, ...] = ()) -> Any:
+    """A word-level tokenizer with Qwen's special tokens (chat and vision markers), saved to ``folder``."""
+    from refrl.rewards.zoo.qwen_vl import QWEN_SPECIAL_TOKENS
+
+    vocab = list(dict.fromkeys([*word_vocab(), *JSON_WORDS]))
+    tok = save_word_tokenizer(folder, vocab, eos=False)
+    tok.add_tokens([*QWEN_SPECIAL_TOKENS, *extra_special], special_tokens=True)
+    tok.eos_token = "<|im_end|>"
+    tok.model_max_length = 4096  # chat prompts with image tokens are long
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_qwen_config(kind: str, tok: Any) -> Any:
+    """A one-layer Qwen2-VL (``qwen2_vl``) or Qwen2.5-VL (``qwen2_5_vl``) config matching ``tok``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    ids = {"image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
+           "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
+           "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>")}
+    text = dict(vocab_size=len(tok), hidden_size=TINY_WIDTH, intermediate_size=2 * TINY_WIDTH, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, pad_token_id=PAD_ID,
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=None,
+                rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]})
+    common = dict(patch_size=TINY_PATCH, spatial_merge_size=2, temporal_patch_size=2, num_heads=2, depth=1)
+    if kind == "qwen2_vl":
+        return Qwen2VLConfig(text_config=text, vision_config=dict(embed_dim=TINY_WIDTH, hidden_size=TINY_WIDTH,
+                                                                  mlp_ratio=2, **common), **ids)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=dict(hidden_size=TINY_WIDTH, intermediate_size=2 * TINY_WIDTH,
+                                                                 out_hidden_size=TINY_WIDTH, window_size=2 * TINY_PATCH,
+                                                                 fullatt_block_indexes=[0], **common), **ids)
+
+
+def save_qwen_preprocessor(folder: Path, pixels: int = TINY_IMAGE * TINY_IMAGE) -> None:
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "patch_size": TINY_PATCH, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": pixels,
+        "max_pixels": pixels, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+
+
+def _save_hpsv3(folder: Path) -> dict[str, Any]:
+    """A tiny Qwen2-VL base (``base/``: config, tokenizer without <|Reward|>, preprocessor) and an
+    ``HPSv3.safetensors`` in HPSv3's original names (``model.*``, ``visual.*``, ``lm_head.*``, ``rm_head.*``)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from refrl.rewards.zoo.hpsv3 import HPSV3_FILE, REWARD_TOKEN, hpsv3_head
+
+    base = folder / "base"
+    tok = save_qwen_tokenizer(base)
+    config = tiny_qwen_config("qwen2_vl", tok)
+    config.save_pretrained(base)
+    save_qwen_preprocessor(base)
+    tok.add_tokens([REWARD_TOKEN], special_tokens=True)  # HPSv3 adds it and resizes the embeddings
+    config.text_config.vocab_size = len(tok)
+    model = Qwen2VLForConditionalGeneration(config)
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        state[key] = value.contiguous()
+    state.update({f"rm_head.{k}": v for k, v in hpsv3_head(TINY_WIDTH).state_dict().items()})
+    save_file(state, folder / HPSV3_FILE)
+    return {"checkpoint": str(folder / HPSV3_FILE), "base": str(base), "pixels": TINY_IMAGE * TINY_IMAGE}
+
+
+def _save_vlm_judge(folder: Path) -> dict[str, Any]:
+    """A tiny Qwen2.5-VL with its tokenizer and image settings (random weights: its answers do not parse)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tok = save_qwen_tokenizer(folder)
+    Qwen2_5_VLForConditionalGeneration(tiny_qwen_config("qwen2_5_vl", tok)).save_pretrained(folder)
+    save_qwen_preprocessor(folder, pixels=16 * 16)
+    return {"checkpoint": str(folder), "max_new_tokens": 8}
 
 
 TINY_BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
@@ -215,6 +319,9 @@ TINY_BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "lpips": _save_lpips,
     "hpsv2": _save_hpsv2,
     "image_reward": _save_image_reward,
+    "csd": _save_csd,
+    "hpsv3": _save_hpsv3,
+    "vlm_judge": _save_vlm_judge,
 }
 
 
