@@ -42,6 +42,7 @@ class ModelConfig(StrictModel):
     max_refs: int = 8
     max_text_len: int = 48
     use_ref_cache: bool = True
+    prediction: Literal["v", "x0"] = Field("x0", description="what the network's head predicts (x0: JiT-style)")
     lora_rank: int = Field(0, ge=0, description="0 = full fine-tune; >0 = LoRA of this rank (peft)")
     lora_alpha: float | None = Field(None, description="default: equal to the rank")
     lora_targets: list[str] | None = Field(None, description="LoRA target module suffixes (None: the kind's default)")
@@ -120,6 +121,7 @@ def build_policy(cfg: ModelConfig) -> Policy:
             vocab_size=tok.vocab_size, image_size=cfg.image_size, patch=cfg.patch, ref_size=cfg.ref_size,
             ref_patch=cfg.ref_patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
             max_refs=cfg.max_refs, max_text_len=cfg.max_text_len, use_ref_cache=cfg.use_ref_cache,
+            prediction=cfg.prediction,
         )
         policy = TinyDiTPolicy(tok, arch)
     if cfg.lora_rank > 0:

@@ -6,7 +6,8 @@ Everything here composes the pure functions of `refrl.shaping` from config:
 * ``weighted``: ``r = Σ w_k r_k`` then group-normalize (group or global std);
 * ``gdpo``: per-reward group normalization, weighted sum, batch normalization (DyRef);
 * ``sars``: Customized-GRPO's synergy-aware shaping of a prompt and an identity
-  reward, with TDW weights at the real denoising index of each trained step.
+  reward, with TDW weights at the real denoising index of each trained step; any
+  further rewards are added as a GDPO term (their weights apply).
 
 DRS (DyRef) rescales one named reward before aggregation using each sample's
 number of references; DAR (DyRef) turns the raw, pre-DRS similarity into
@@ -130,6 +131,12 @@ def compute_advantages(
             for t in step_indices
         ]
         advantages = torch.stack(cols, 1)
+        # Rewards beyond the SARS pair (e.g. DyRef's fidelity, after DRS) join as GDPO
+        # terms, so both papers' shaping can act in one run.
+        others = {k: v for k, v in filled.items() if k not in (cfg.prompt_reward, cfg.identity_reward)}
+        if others:
+            extra = gdpo_combine(others, {k: weights[k] for k in others}, group_ids, clip=cfg.clip)
+            advantages = (advantages + extra[:, None]).clamp(-cfg.clip, cfg.clip)
         a_h = group_normalize(r_h, group_ids, eps=1e-8)
         a_d = group_normalize(r_d, group_ids, eps=1e-8)
         metrics.update({f"sars/{k}": v for k, v in sars_categories(a_h, a_d).items()})
