@@ -339,14 +339,15 @@ def test_fidelity_and_patch_need_a_target(world):
 
 
 def test_scores_are_deterministic(world):
+    assert any({"style", "lighting", "background"} <= set(s.ref_types) for s in world[:8])  # every fitted part
     targets = torch.stack([s.target for s in world[:8]])
     images = 0.5 * noise_like(targets, seed=3) + 0.5 * targets
     for name in NAMES:
         first = build(name)
         a, b, c = first(images, world[:8]), build(name)(images, world[:8]), first(images, world[:8])
-        assert torch.equal(a.scores.nan_to_num(-1), c.scores.nan_to_num(-1)), name  # same instance: bitwise
-        # A fresh instance: equal up to float rounding (oneDNN kernels may sum in another order).
-        assert torch.allclose(a.scores, b.scores, atol=1e-6, equal_nan=True), name
+        # Bit for bit, with a warm cache or a fresh instance: an exactly resumed run replays its rewards.
+        assert torch.equal(a.scores.nan_to_num(-1), c.scores.nan_to_num(-1)), name
+        assert torch.equal(a.scores.nan_to_num(-1), b.scores.nan_to_num(-1)), name
 
 
 def test_a_group_costs_one_encoder_call_per_reference(world):

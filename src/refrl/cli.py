@@ -246,6 +246,23 @@ def report_cmd(
     typer.echo(f"wrote {write_report(run_dir, out)}")
 
 
+@app.command("ablate")
+def ablate(
+    preset: Annotated[str, typer.Option(help="refworld")] = "refworld",
+    out: Annotated[Path, typer.Option(help="Output folder (ablation.json, ablation.md, one run per variant).")] = Path("runs/ablation"),
+    quick: Annotated[bool, typer.Option(help="Small budget (about 10 minutes on 2 cores).")] = False,
+    seeds: Annotated[int, typer.Option(help="Seeds per GRPO variant.")] = 3,
+    variants: Annotated[str | None, typer.Option(help="Comma-separated subset of variants.")] = None,
+    ckpt: Annotated[str, typer.Option(help="SFT checkpoint every variant starts from.")] = "tiny-sft",
+) -> None:
+    """Equal-budget ablation of the shaping methods (SARS/TDW, DRS/DAR, patch reward) on RefWorld."""
+    from refrl.ablation import run_ablation
+
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    path = run_ablation(out, preset=preset, quick=quick, seeds=seeds, variants=names, ckpt=ckpt)
+    typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line and a non-zero exit."""
     import click

@@ -31,13 +31,6 @@ def available() -> list[str]:
     return sorted(set(_REGISTRY) | set(zoo_names()))
 
 
-def role_of(name: str) -> str:
-    """The role of a registered (embedded or user) reward."""
-    if name not in _REGISTRY:
-        raise RefrlError(f"no registered reward {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name][1]
-
-
 def option_names(factory: Callable[..., Any]) -> set[str] | None:
     """Keyword options ``factory`` accepts (following ``**options`` up a class's bases); None if it takes any."""
     targets = [k.__dict__.get("__init__") for k in factory.__mro__] if inspect.isclass(factory) else [factory]

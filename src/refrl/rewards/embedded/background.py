@@ -16,8 +16,9 @@ Both images get a 3x3 binomial blur (a one-pixel shift of a texture is not an er
 
     background = exp(−MSE / τ)      MSE over the compared pixels and channels
 
-NaN when there is no background to compare with (e.g. RefWorld ``edit`` without a
-plain colour) or no pixel outside the boxes.
+NaN when there is no background to compare with (no reference, draft or plain
+colour, or a background image of another size than the output) or no pixel
+outside the boxes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from refrl.rewards.embedded.stylemap import StyleMap
 TAU = 0.01  # MSE at which the score is exp(-1): an RMSE of 0.1
 DILATE_PX = 2  # 1 px beyond the subject box + the blur's radius
 GAIN_RANGE = (0.3, 1.6)  # a fitted light ramp is clipped to this
+RIDGE = 1e-6
 
 
 def background_region(boxes: list[list[float]], size: int, dilate: int = DILATE_PX) -> torch.Tensor:
@@ -63,7 +65,8 @@ def fit_light_ramp(output: torch.Tensor, base: torch.Tensor, offset: torch.Tenso
     target = (output - offset)[:, region].reshape(-1)
     # float64 normal equations: reproducible bit for bit, unlike float32 LAPACK least squares.
     design, target = design.double(), target.double()
-    coef = torch.linalg.solve(design.T @ design, design.T @ target).float()
+    normal = design.T @ design + RIDGE * torch.eye(3, dtype=torch.float64)  # a black background has no gain to fit
+    coef = torch.linalg.solve(normal, design.T @ target).float()
     return (coef.view(3, 1, 1) * basis).sum(0).clamp(*GAIN_RANGE)
 
 
@@ -108,16 +111,17 @@ class BackgroundReward(EmbeddedReward):
         if style_map is None:
             return image, None
         key_refs = tuple(r for r in (ref, style_ref_index(sample)) if r is not None)
-        styled = self.cached(sample, key_refs, ("styled_background", size), lambda: style_map.apply_image(image))
+        colour = None if ref is not None else tuple(image[:, 0, 0].tolist())
+        styled = self.cached(sample, key_refs, ("styled_background", size, colour), lambda: style_map.apply_image(image))
         return styled, style_map
 
     def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         n, _, h, w = images.shape
+        if h != w:
+            raise ValueError(f"reward {self.name!r} needs square images, got {h}x{w}")
         scores, mse_out = nan_scores(n), nan_scores(n)
         out_blur = binomial_blur(images) if self.blur else images
         for b, sample in enumerate(samples):
-            if h != w:
-                raise ValueError(f"reward {self.name!r} needs square images, got {h}x{w}")
             got = self.predicted(sample, h)
             if got is None:
                 continue
@@ -127,7 +131,8 @@ class BackgroundReward(EmbeddedReward):
             if not bool(region.any()):
                 continue
             if has_lighting_reference(sample):
-                prediction = self._lit(images[b], prediction, sample, style_map, region, h)
+                unstyled = self.source(sample, h)[1]
+                prediction = lit_prediction(images[b], unstyled, style_map, region)
             if self.blur:
                 prediction = binomial_blur(prediction[None])[0]
             mse = (out_blur[b][:, region] - prediction[:, region]).pow(2).mean()
@@ -135,16 +140,18 @@ class BackgroundReward(EmbeddedReward):
             scores[b] = torch.exp(-mse / self.tau)
         return RewardOutput(scores, {"background_mse": mse_out})
 
-    def _lit(self, output, prediction, sample, style_map, region, size) -> torch.Tensor:
-        """The prediction under the light ramp read from the output (RefWorld lights before it styles)."""
-        found = self.source(sample, size)
-        assert found is not None
-        unstyled = found[1]
-        if style_map is None:
-            gain = fit_light_ramp(output, unstyled, torch.zeros_like(unstyled), region)
-            return (unstyled * gain).clamp(0, 1)
-        matrix, shift = style_map.affine[:3], style_map.affine[3]
-        base = torch.einsum("chw,cd->dhw", unstyled, matrix)
-        gain = fit_light_ramp(output, base, shift.view(3, 1, 1).expand_as(base), region)
-        lit = (unstyled * gain).clamp(0, 1)
-        return style_map.apply_image(lit)
+
+def lit_prediction(
+    output: torch.Tensor, unstyled: torch.Tensor, style_map: StyleMap | None, region: torch.Tensor
+) -> torch.Tensor:
+    """``T(g·background)`` with the ramp g read from the output (RefWorld lights a scene, then styles it).
+
+    The ramp is fitted through the style's affine part ``T(g·r) ≈ g·M·r + t``; the full T renders the result.
+    """
+    if style_map is None:
+        gain = fit_light_ramp(output, unstyled, torch.zeros_like(unstyled), region)
+        return (unstyled * gain).clamp(0, 1)
+    matrix, shift = style_map.affine[:3], style_map.affine[3]
+    base = torch.einsum("chw,cd->dhw", unstyled, matrix)
+    gain = fit_light_ramp(output, base, shift.view(3, 1, 1).expand_as(base), region)
+    return style_map.apply_image((unstyled * gain).clamp(0, 1))

@@ -41,7 +41,8 @@ class EmbeddedReward:
     def __call__(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         check_batch(images, samples, self.name)
         with torch.no_grad():
-            out = self.score(images.detach().float().clamp(0, 1), samples)
+            # The embedded world is CPU-sized; references and caches live on the CPU.
+            out = self.score(images.detach().float().cpu().clamp(0, 1), samples)
         return out
 
     def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:

@@ -158,7 +158,7 @@ def detect(
     keep_maps: bool = False,
 ) -> Detection:
     """Best window of each query ``(image index, template)`` in ``images`` (B, 3, H, W) (see module docstring)."""
-    b, _, h, w = images.shape
+    _, _, h, w = images.shape
     n_q = len(queries)
     if n_q == 0:
         return Detection(torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0))

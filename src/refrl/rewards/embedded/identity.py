@@ -21,7 +21,7 @@ import torch
 
 from refrl.data.schema import LoadedSample
 from refrl.rewards.base import RewardOutput
-from refrl.rewards.embedded.base import EmbeddedReward, nan_scores
+from refrl.rewards.embedded.base import EmbeddedReward, nan_scores, style_ref_index
 from refrl.rewards.embedded.cache import DEFAULT_MAX_ENTRIES
 from refrl.rewards.embedded.detect import detect
 from refrl.rewards.embedded.template import (
@@ -68,7 +68,8 @@ class SubjectDetectorReward(EmbeddedReward):
         def build() -> SubjectTemplate | None:
             return build_template(sample.ref_images[ref], canvas, self.config, region=region, style_map=style_map)
 
-        return self.cached(sample, ref, ("template", canvas, region, style_map is not None), build)
+        refs = (ref, style_ref_index(sample)) if style_map is not None else (ref,)
+        return self.cached(sample, refs, ("template", canvas, region), build)
 
 
 def square_size(images: torch.Tensor, name: str) -> int:

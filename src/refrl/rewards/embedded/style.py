@@ -137,7 +137,9 @@ class StyleReward(EmbeddedReward):
                 source = source[torch.linspace(0, source.shape[0] - 1, MAX_PALETTE).long()]
             return _unique_colours(style_map(source))
 
-        return self.cached(sample, refs, "palette", build)
+        colour = (sample.extra.get("background") or {}).get("color")
+        variant = ("palette", tuple(colour) if colour is not None else None, has_lighting_reference(sample))
+        return self.cached(sample, refs, variant, build)
 
     def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         scores = nan_scores(len(samples))

@@ -25,7 +25,7 @@ SIZE_RANGE = (0.18, 0.5)  # subject's longest side / canvas: RefWorld uses 0.25 
 N_SIZES = 14  # geometric steps of about 8 %: 6..16 px at 32, one candidate per pixel
 WINDOW_MARGIN = 1 / 32  # of the canvas, each side
 CONTEXT_PX = 4  # reach of a feature: derivative at distance 2, blur, pooling
-SUPERSAMPLE = 4  # box antialiasing when a template is resampled
+SUPERSAMPLE = 2  # box antialiasing when a template is resampled
 FOREGROUND_THRESHOLD = 0.06  # max |pixel − canvas| over channels that counts as foreground
 CONTRAST_FLOOR = 0.25
 COLOUR_WEIGHT = 0.5
@@ -191,17 +191,14 @@ def build_template(
     rgb = (rendered[:, :3] + styled_canvas).clamp(0, 1)
     feats = local_features(rgb)
     c = CONTEXT_PX
-    parts = []
-    for name in FIELDS:
-        for j, s in enumerate(sizes):
-            k = s + 2 * margin
-            cover = rendered[j, 3, c : c + k, c : c + k]
-            mask = cover / cover.sum().clamp(min=MASS_EPS)
-            if name == "structure":
-                parts.append(feats[j, STRUCTURE, c : c + k, c : c + k])
-            elif name == "masks":
-                parts.append(mask)
-            else:
-                parts.append((rgb[j, :, c : c + k, c : c + k] * mask).sum(dim=(1, 2)))
+    fields: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS}
+    for j, s in enumerate(sizes):
+        k = s + 2 * margin
+        cover = rendered[j, 3, c : c + k, c : c + k]
+        mask = cover / cover.sum().clamp(min=MASS_EPS)
+        fields["structure"].append(feats[j, STRUCTURE, c : c + k, c : c + k])
+        fields["masks"].append(mask)
+        fields["colour"].append((rgb[j, :, c : c + k, c : c + k] * mask).sum(dim=(1, 2)))
+    parts = [t for name in FIELDS for t in fields[name]]
     packed = torch.cat([p.flatten() for p in parts])
     return SubjectTemplate(canvas, sizes, margin, packed, ((fx1 - fx0) / longest, (fy1 - fy0) / longest))

@@ -1,0 +1,165 @@
+"""``refrl ablate``: the equal-budget ablation that tests the papers' claims on RefWorld.
+
+Variants (all from the same SFT checkpoint, same GRPO budget, same eval):
+
+* ``sft`` — no RL (the baseline);
+* Customized-GRPO family (identity + layout rewards): ``naive`` (weighted sum 1:1),
+  ``gdpo``, ``sars``, ``sars_tdw``;
+* DyRef family (fidelity + identity + layout, GDPO): ``drs``, ``dar``, ``dar_drs``;
+* OmniRefiner (``refine`` category only): ``refine_global`` (whole-image fidelity)
+  vs ``refine_patch`` (patch reward).
+
+Every run is evaluated on the RefWorld test split (unseen identities) with every
+embedded reward; ``ablation.json`` holds per-seed results and mean ± std over seeds,
+overall, per reference-count bucket and per category; ``ablation.md`` the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from refrl.config import validate_config
+from refrl.errors import RefrlError
+from refrl.train.grpo_config import GRPOConfig
+
+BASE: dict[str, Any] = {
+    "clip_range": 1.0e-3,
+    "model": {"init": "tiny-sft"},
+    "data": {"source": "refworld", "split": "train", "curriculum": [[0.0, 2]]},
+    "optim": {"lr": 5.0e-5, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1.0e-4},
+    "sampling": {"steps": 10, "sde_steps": "window", "window": 3},
+}
+ID_LAYOUT = [{"name": "identity", "weight": 1.0}, {"name": "layout", "weight": 1.0}]
+DYREF = [{"name": "fidelity", "weight": 1.0}, {"name": "identity", "weight": 1.0}, {"name": "layout", "weight": 1.0}]
+REFINE_DATA = {"data": {"categories": ["refine"]}}
+
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "sft": None,
+    "naive": {"rewards": ID_LAYOUT, "advantage": {"kind": "weighted"}},
+    "gdpo": {"rewards": ID_LAYOUT, "advantage": {"kind": "gdpo"}},
+    "sars": {"rewards": ID_LAYOUT, "advantage": {"kind": "sars", "tdw": False}},
+    "sars_tdw": {"rewards": ID_LAYOUT, "advantage": {"kind": "sars", "tdw": True}},
+    "drs": {"rewards": DYREF, "advantage": {"kind": "gdpo", "drs": {"reward": "fidelity"}}},
+    "dar": {"rewards": DYREF, "advantage": {"kind": "gdpo", "dar": {"reward": "fidelity"}}},
+    "dar_drs": {"rewards": DYREF, "advantage": {"kind": "gdpo", "drs": {"reward": "fidelity"},
+                                                "dar": {"reward": "fidelity"}}},
+    "refine_global": {"rewards": [{"name": "fidelity", "weight": 1.0}], "advantage": {"kind": "weighted"},
+                      **REFINE_DATA},
+    "refine_patch": {"rewards": [{"name": "patch", "weight": 1.0}], "advantage": {"kind": "weighted"},
+                     **REFINE_DATA},
+}
+BUDGETS = {
+    # iterations x groups x group size, and test samples per eval (equal for every variant)
+    "default": {"iterations": 12, "groups_per_iteration": 6, "group_size": 8, "minibatch_size": 24, "eval_n": 96},
+    "quick": {"iterations": 3, "groups_per_iteration": 4, "group_size": 6, "minibatch_size": 24, "eval_n": 32},
+}
+
+
+def variant_config(name: str, seed: int, budget: dict[str, Any], ckpt: str) -> GRPOConfig:
+    spec = VARIANTS[name]
+    if spec is None:
+        raise RefrlError(f"variant {name!r} has no GRPO stage")
+    data = json.loads(json.dumps(BASE))
+    data.update({k: v for k, v in budget.items() if k != "eval_n"})
+    data["seed"] = seed
+    data["model"] = {"init": ckpt}
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return validate_config(GRPOConfig, data, source=f"ablation variant {name}")
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n_seeds": 0}
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"mean": m, "std": sd, "n_seeds": len(vals)}
+
+
+def _collect(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{"overall/identity": mean, "bucket=5-7/identity": ..., "category=refine/patch": ...}."""
+    flat: dict[str, float] = {}
+    groups = {"overall": {"": metrics["overall"]}, "bucket": metrics.get("by_bucket", {}),
+              "category": metrics.get("by_category", {})}
+    for gname, entries in groups.items():
+        for key, stats in entries.items():
+            prefix = gname if gname == "overall" else f"{gname}={key}"
+            for reward, st in stats.items():
+                if isinstance(st, dict) and "mean" in st:
+                    flat[f"{prefix}/{reward}"] = st["mean"]
+    return flat
+
+
+def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False, seeds: int = 3,
+                 variants: list[str] | None = None, ckpt: str = "tiny-sft", eval_seed: int = 1234) -> Path:
+    from refrl.eval.suites import eval_command
+    from refrl.train.grpo import train_grpo
+
+    if preset != "refworld":
+        raise RefrlError(f"unknown ablation preset {preset!r}; allowed: refworld")
+    names = variants or list(VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise RefrlError(f"unknown ablation variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
+    budget = BUDGETS["quick" if quick else "default"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    t0 = time.perf_counter()
+    for name in names:
+        per_seed = []
+        for seed in range(seeds if VARIANTS[name] is not None else 1):
+            console.rule(f"[bold]{name} (seed {seed})")
+            run_dir = out / name / f"seed{seed}"
+            policy_ckpt = ckpt
+            if VARIANTS[name] is not None:
+                from refrl.train.checkpoint import latest_checkpoint
+
+                cfg = variant_config(name, seed, budget, ckpt)
+                train_grpo(cfg, run_dir, resume=latest_checkpoint(run_dir / "checkpoints") is not None)
+                policy_ckpt = str(run_dir)
+            ev = eval_command(policy_ckpt, "refworld", run_dir / "eval", n=budget["eval_n"], seed=eval_seed)
+            per_seed.append(_collect(ev["metrics"]))
+        keys = sorted({k for d in per_seed for k in d})
+        results[name] = {k: _mean_std([d.get(k, float("nan")) for d in per_seed]) for k in keys}
+    summary = {"preset": preset, "quick": quick, "seeds": seeds, "budget": budget, "ckpt": ckpt,
+               "eval_seed": eval_seed, "seconds": time.perf_counter() - t0, "variants": results}
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    (out / "ablation.md").write_text(markdown_table(summary))
+    console.print(f"ablation: {out / 'ablation.md'} ({summary['seconds']:.0f} s)")
+    return out / "ablation.json"
+
+
+def _cell(st: dict[str, float] | None) -> str:
+    if not st or st.get("mean") is None or math.isnan(st["mean"]):
+        return "–"
+    return f"{st['mean']:.3f} ± {st['std']:.3f}" if st.get("n_seeds", 0) > 1 else f"{st['mean']:.3f}"
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """One table per slice (overall, buckets 1-2 / 3-4 / 5-7, refine and edit categories)."""
+    variants = summary["variants"]
+    rewards = ["identity", "layout", "fidelity", "style", "background", "patch"]
+    slices = ["overall", "bucket=1-2", "bucket=3-4", "bucket=5-7", "category=refine", "category=edit"]
+    lines = [f"Ablation on RefWorld test split; budget {summary['budget']}; seeds {summary['seeds']}; "
+             f"mean ± std over seeds.", ""]
+    for sl in slices:
+        lines += [f"### {sl}", "", "| variant | " + " | ".join(rewards) + " |",
+                  "|---|" + "---|" * len(rewards)]
+        for name, res in variants.items():
+            lines.append(f"| {name} | " + " | ".join(_cell(res.get(f"{sl}/{r}")) for r in rewards) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
