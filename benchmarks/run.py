@@ -25,6 +25,9 @@ from refrl.models.tiny_dit import TinyDiTConfig
 from refrl.models.tiny_dit_policy import TinyDiTPolicy
 from refrl.models.tokenizer import WordTokenizer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from training import grpo_section, quickstart_section, train_section  # noqa: E402
+
 MATMUL_SIZES = (1024, 2048)
 ROLLOUT_N_REFS = (1, 3, 5, 7)
 ROLLOUT_BATCH = {"full": 32, "quick": 8}
@@ -230,7 +233,10 @@ def reward_section(args: argparse.Namespace) -> dict[str, Any]:
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "machine": machine_section,
     "rollout": rollout_section,
+    "train": train_section,
+    "grpo": grpo_section,
     "reward": reward_section,
+    "quickstart": quickstart_section,
 }
 
 

@@ -9,6 +9,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import dataclasses
 import json
 
 import numpy as np
@@ -143,5 +144,6 @@ def test_precomputed_text_embeddings_replace_the_text_encoder(kind, folders, sam
     x, sigma = torch.randn(2, *live.latent_shape(SIZE, SIZE)), torch.tensor([0.6, 0.4])
     torch.testing.assert_close(offline.velocity(x, sigma, offline.encode_condition(samples[:2])),
                                live.velocity(x, sigma, live.encode_condition(samples[:2])), atol=1e-6, rtol=0)
-    with pytest.raises(RefrlError, match="no precomputed text embedding for prompt"):
-        offline.encode_condition([samples[2]])
+    unseen = dataclasses.replace(samples[0], prompt="a prompt nobody precomputed")
+    with pytest.raises(RefrlError, match="no precomputed text embedding for prompt 'a prompt nobody precomputed'"):
+        offline.encode_condition([unseen])
