@@ -134,3 +134,20 @@ def test_two_processes_match_one(tmp_path, tiny_policy_dir):
     w2 = load_file(str(runs[2] / "checkpoints/step-1/trainable.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [["kl_reference=copy"], ["kl_reference=adapter", "model.lora_rank=4"]])
+def test_kl_to_reference_is_zero_before_the_first_update(tmp_path, tiny_policy_dir, extra):
+    # one minibatch per iteration: the KL of iteration 1 is measured before any update
+    cfg = grpo_cfg(tiny_policy_dir, "iterations=2", "beta_kl=0.1", "minibatch_size=8", *extra)
+    train_grpo(cfg, tmp_path / "run")
+    first, second = metrics(tmp_path / "run")
+    assert first["kl"] == pytest.approx(0.0, abs=1e-10)
+    assert second["kl"] > 0
+
+
+def test_kl_adapter_without_lora_is_a_clear_error(tmp_path, tiny_policy_dir):
+    from refrl.errors import RefrlError
+
+    with pytest.raises(RefrlError, match="lora_rank"):
+        GRPOTrainer(grpo_cfg(tiny_policy_dir, "beta_kl=0.1", "kl_reference=adapter"), tmp_path / "run")

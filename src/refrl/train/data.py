@@ -35,7 +35,7 @@ class DataConfig(StrictModel):
     def _sorted(cls, v: list[tuple[float, int]]) -> list[tuple[float, int]]:
         if not v or v[0][0] != 0.0:
             raise ValueError("curriculum must start at fraction 0.0, e.g. [[0.0, 0], [0.5, 2]]")
-        if any(b[0] < a[0] for a, b in zip(v, v[1:])):
+        if any(b[0] < a[0] for a, b in zip(v, v[1:], strict=False)):
             raise ValueError("curriculum fractions must increase")
         return v
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,12 @@ from refrl.config import dump_config
 from refrl.errors import RefrlError
 from refrl.models.build import build_policy
 from refrl.rewards import build as build_reward
-from refrl.sampling.rollout import choose_sde_steps, encode_for_guidance, guided_velocity, rollout_sde
+from refrl.sampling.rollout import (
+    choose_sde_steps,
+    encode_for_guidance,
+    guided_velocity,
+    rollout_sde,
+)
 from refrl.sampling.schedules import sigma_schedule
 from refrl.sampling.sde import sde_step
 from refrl.train.advantages import compute_advantages
@@ -193,14 +197,21 @@ class GRPOTrainer:
             "images": self.dist.gather(images), "encoder_calls": encoder_calls,
         }
 
-    def _policy_log_prob(self, policy, samples, x, x_next, sigma, sigma_next, want_grad: bool):
+    def _log_prob(self, policy, conds, x, x_next, sigma, sigma_next):
+        """log-prob (and Gaussian mean/std) of the stored step ``x -> x_next`` under ``policy``."""
         sc = self.cfg.sampling
-        ctx = nullcontext() if want_grad else torch.no_grad()
-        with ctx:
-            cond, uncond = encode_for_guidance(policy, samples, sc.cfg_scale)
-            v = guided_velocity(policy, x, torch.full((x.shape[0],), sigma), cond, uncond, sc.cfg_scale)
-            _, logp, mean, std = sde_step(sc.sde_kind, x, v, sigma, sigma_next, sc.noise_level, prev_sample=x_next)
+        v = guided_velocity(policy, x, torch.full((x.shape[0],), sigma), conds[0], conds[1], sc.cfg_scale)
+        _, logp, mean, std = sde_step(sc.sde_kind, x, v, sigma, sigma_next, sc.noise_level, prev_sample=x_next)
         return logp, mean, std
+
+    def _reference_conds(self, mb_samples):
+        """Conditions of the KL reference policy (adapter off, or the frozen copy), no grad."""
+        sc = self.cfg.sampling
+        with torch.no_grad():
+            if self.reference == "adapter":
+                with self.policy.adapter_disabled():
+                    return self.policy, encode_for_guidance(self.policy, mb_samples, sc.cfg_scale)
+            return self.reference, encode_for_guidance(self.reference, mb_samples, sc.cfg_scale)
 
     def train_on(self, it: int, ro: dict[str, Any], adv, loss_weights) -> dict[str, float]:
         cfg = self.cfg
@@ -218,20 +229,23 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 total = torch.zeros(())
                 ratios = []
+                # the condition is encoded once per minibatch (with gradients) and shared by its steps
+                conds = encode_for_guidance(self.policy, mb_samples, cfg.sampling.cfg_scale)
+                ref = self._reference_conds(mb_samples) if self.reference is not None else None
                 for j, t in enumerate(sde_steps):
                     s, s_next = float(sigmas[t]), float(sigmas[t + 1])
                     x, x_next = ro["latents"][idx, j], ro["next_latents"][idx, j]
-                    logp, mean, std = self._policy_log_prob(self.policy, mb_samples, x, x_next, s, s_next, True)
+                    logp, mean, std = self._log_prob(self.policy, conds, x, x_next, s, s_next)
                     loss, st = ppo_clip_loss(logp, ro["log_probs"][idx, j], adv[idx, j], cfg.clip_range,
                                              weights=loss_weights[idx])
                     ratios.append(torch.exp(logp.detach() - ro["log_probs"][idx, j]))
-                    if self.reference is not None:
+                    if ref is not None:
                         with torch.no_grad():
                             if self.reference == "adapter":
                                 with self.policy.adapter_disabled():
-                                    _, mean_ref, _ = self._policy_log_prob(self.policy, mb_samples, x, x_next, s, s_next, False)
+                                    _, mean_ref, _ = self._log_prob(ref[0], ref[1], x, x_next, s, s_next)
                             else:
-                                _, mean_ref, _ = self._policy_log_prob(self.reference, mb_samples, x, x_next, s, s_next, False)
+                                _, mean_ref, _ = self._log_prob(ref[0], ref[1], x, x_next, s, s_next)
                         kl = gaussian_mean_kl(mean, mean_ref, std).mean()
                         loss = loss + cfg.beta_kl * kl
                         stats["kl"].append(float(kl.detach()))
