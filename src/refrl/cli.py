@@ -251,7 +251,7 @@ def ablate(
     preset: Annotated[str, typer.Option(help="refworld")] = "refworld",
     out: Annotated[Path, typer.Option(help="Output folder (ablation.json, ablation.md, one run per variant).")] = Path("runs/ablation"),
     quick: Annotated[bool, typer.Option(help="Small budget (about 10 minutes on 2 cores).")] = False,
-    seeds: Annotated[int, typer.Option(help="Seeds per GRPO variant.")] = 3,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per GRPO variant (default 3; 1 with --quick).")] = None,
     variants: Annotated[str | None, typer.Option(help="Comma-separated subset of variants.")] = None,
     ckpt: Annotated[str, typer.Option(help="SFT checkpoint every variant starts from.")] = "tiny-sft",
 ) -> None:
@@ -259,7 +259,8 @@ def ablate(
     from refrl.ablation import run_ablation
 
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
-    path = run_ablation(out, preset=preset, quick=quick, seeds=seeds, variants=names, ckpt=ckpt)
+    n_seeds = seeds if seeds is not None else (1 if quick else 3)
+    path = run_ablation(out, preset=preset, quick=quick, seeds=n_seeds, variants=names, ckpt=ckpt)
     typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
 
 

@@ -1,0 +1,37 @@
+"""Ablation variants are valid configs that differ only in what the papers' claims test."""
+
+import math
+
+import pytest
+
+from refrl.ablation import BUDGETS, VARIANTS, markdown_table, variant_config
+
+
+@pytest.mark.parametrize("name", [v for v in VARIANTS if VARIANTS[v] is not None])
+def test_every_variant_is_a_valid_config_with_the_same_budget(name):
+    cfg = variant_config(name, seed=1, budget=BUDGETS["quick"], ckpt="some/ckpt")
+    assert cfg.seed == 1 and cfg.model.init == "some/ckpt"
+    for key in ("iterations", "groups_per_iteration", "group_size", "minibatch_size"):
+        assert getattr(cfg, key) == BUDGETS["quick"][key]
+
+
+def test_variants_switch_exactly_their_method():
+    adv = {n: variant_config(n, 0, BUDGETS["quick"], "c").advantage for n in VARIANTS if VARIANTS[n]}
+    assert adv["naive"].kind == "weighted" and adv["gdpo"].kind == "gdpo"
+    assert adv["sars"].kind == "sars" and not adv["sars"].tdw and adv["sars_tdw"].tdw
+    assert adv["drs"].drs is not None and adv["drs"].dar is None
+    assert adv["dar"].dar is not None and adv["dar"].drs is None
+    assert adv["dar_drs"].dar is not None and adv["dar_drs"].drs is not None
+    refine = variant_config("refine_patch", 0, BUDGETS["quick"], "c")
+    assert refine.data.categories == ["refine"] and [r.name for r in refine.rewards] == ["patch"]
+
+
+def test_markdown_table_shows_mean_and_std():
+    summary = {"budget": {}, "seeds": 2, "variants": {
+        "sft": {"overall/identity": {"mean": 0.5, "std": 0.0, "n_seeds": 1}},
+        "sars": {"overall/identity": {"mean": 0.25, "std": 0.125, "n_seeds": 2},
+                 "overall/layout": {"mean": math.nan, "std": math.nan, "n_seeds": 0}},
+    }}
+    md = markdown_table(summary)
+    assert "| sft | 0.500 |" in md
+    assert "| sars | 0.250 ± 0.125 | – |" in md
