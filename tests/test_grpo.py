@@ -151,3 +151,14 @@ def test_kl_adapter_without_lora_is_a_clear_error(tmp_path, tiny_policy_dir):
 
     with pytest.raises(RefrlError, match="lora_rank"):
         GRPOTrainer(grpo_cfg(tiny_policy_dir, "beta_kl=0.1", "kl_reference=adapter"), tmp_path / "run")
+
+
+def test_missing_tracker_package_is_a_clear_error(tmp_path, tiny_policy_dir, monkeypatch):
+    import importlib.util
+
+    from refrl.errors import RefrlError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(RefrlError, match=r"refrl\[trackers\]"):
+        GRPOTrainer(grpo_cfg(tiny_policy_dir, "trackers=[tensorboard]"), tmp_path / "run")

@@ -17,7 +17,15 @@ class Dist:
     """The process layout of a run (accelerate when launched with it, else one process)."""
 
     def __init__(self, trackers: list[str] | None = None, project_dir: str | None = None):
+        import importlib.util
+
         from accelerate import Accelerator
+
+        from refrl.errors import RefrlError
+
+        for name in trackers or []:
+            if importlib.util.find_spec(name) is None:
+                raise RefrlError(f"tracker {name!r} is not installed: pip install 'refrl[trackers]' (or {name})")
 
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
                                        project_dir=project_dir)
