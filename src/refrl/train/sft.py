@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -95,7 +96,8 @@ def _stack_masks(samples: list[LoadedSample], shape: tuple[int, ...]) -> torch.T
     out = torch.zeros(len(samples), 1, *shape[-2:])
     for i, s in enumerate(samples):
         if s.mask is not None and s.category == "refine":
-            out[i] = s.mask
+            # latent policies (VAE) have a smaller grid than the image: average the mask onto it
+            out[i] = F.interpolate(s.mask[None].float(), size=tuple(shape[-2:]), mode="area")[0]
     return out
 
 
@@ -185,7 +187,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> Path
     return last_path
 
 
-def sft_step(policy, source: "SampleSource", cfg: SFTConfig, step: int) -> tuple[torch.Tensor, dict]:
+def sft_step(policy, source: SampleSource, cfg: SFTConfig, step: int) -> tuple[torch.Tensor, dict]:
     """The loss of one step (batch, condition dropout and noise all from (seed, step))."""
     samples = source.batch(step, cfg.batch_size)
     g = seeded_generator(cfg.seed, step, 1)

@@ -12,13 +12,13 @@ __all__ = ["DIFFUSERS_KINDS", "DiffusersOptions", "build_diffusers_policy", "loa
 
 def build_diffusers_policy(cfg):
     """A diffusers adapter from a `ModelConfig` whose kind is one of `DIFFUSERS_KINDS`."""
-    from refrl.models.diffusers.common import build_diffusers_policy as build
+    from refrl.models.diffusers.persistence import build_diffusers_policy as build
 
     return build(cfg)
 
 
 def load_diffusers_policy(folder):
     """A saved diffusers adapter (``config.json`` with a diffusers kind + LoRA weights)."""
-    from refrl.models.diffusers.common import load_diffusers_policy as load
+    from refrl.models.diffusers.persistence import load_diffusers_policy as load
 
     return load(folder)

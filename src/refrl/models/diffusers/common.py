@@ -24,10 +24,9 @@ Conventions shared by all backends:
 
 from __future__ import annotations
 
-import json
+import math
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,16 +37,10 @@ from torch import nn
 
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.models.diffusers.options import DIFFUSERS_KINDS
+from refrl.models.diffusers.finetune import FinetuneMixin, checkpoint_with_fresh_kwargs
 from refrl.models.diffusers.text_cache import TextEmbeddingCache
 
-CONFIG_NAME = "config.json"
-ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
-MERGED_WEIGHTS_NAME = "merged-{}.safetensors"
-TRANSFORMER_DIR = "transformer"  # full fine-tunes save the whole transformer here
-FORMAT = "refrl-diffusers-policy"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ADAPTER_NAME = "default"
 
 
 @dataclass
@@ -91,20 +84,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def lora_target_names(module: nn.Module, suffixes: Sequence[str]) -> list[str]:
-    """Full names of the ``nn.Linear`` layers whose name ends with one of ``suffixes``
-    (dotted, e.g. ``to_out.0``); raises RefrlError naming suffixes that match nothing."""
-    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    names, unknown = [], []
-    for suffix in suffixes:
-        hits = [n for n in linears if n == suffix or n.endswith("." + suffix)]
-        (names.extend(hits) if hits else unknown.append(suffix))
-    if unknown:
-        leaves = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in linears})
-        raise RefrlError(f"unknown LoRA target modules {unknown}; linear layers of this transformer: {leaves}")
-    return sorted(set(names))
-
-
 def _flags(drop: torch.Tensor | None, batch: int, name: str) -> list[bool]:
     if drop is None:
         return [False] * batch
@@ -124,7 +103,7 @@ def resize_square(image: torch.Tensor, size: int, where: str) -> torch.Tensor:
     return image.clamp(0, 1)
 
 
-class DiffusersPolicy(nn.Module):
+class DiffusersPolicy(FinetuneMixin, nn.Module):
     """Base adapter: a diffusers pipeline's components behind the `Policy` protocol (see module doc)."""
 
     kind: ClassVar[str]
@@ -322,6 +301,27 @@ class DiffusersPolicy(nn.Module):
     def latent_channels(self) -> int:
         raise NotImplementedError
 
+    def pipeline_shift(self, steps: int) -> float:
+        """The constant time shift (``sampling.shift``) that reproduces the pipeline's sigmas at
+        ``model.image_size`` with ``steps`` steps: its resolution-dependent ``mu`` becomes
+        ``exp(mu)`` (exponential time shift; ``mu`` for a linear one), since
+        ``e^mu / (e^mu + 1/t - 1) = s t / (1 + (s - 1) t)`` with ``s = e^mu``; a scheduler without
+        dynamic shifting gives its fixed ``shift``. (A ``shift_terminal`` stretch is not included.)"""
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return float(config.get("shift", 1.0))
+        h, w = self._token_grid(*self._latent_hw(self.cfg.image_size))
+        mu = self._shift_mu(h * w, steps)
+        return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+
+    def _shift_mu(self, image_seq_len: int, steps: int) -> float:
+        """The pipeline's ``mu`` (FLUX.1 / Qwen: ``calculate_shift`` on the scheduler config)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = self.pipe.scheduler.config
+        return calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, condition: DiffusersCondition) -> torch.Tensor:
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
         if len(condition) != b:
@@ -360,187 +360,9 @@ class DiffusersPolicy(nn.Module):
         self.text_encoders.eval()
         return self
 
-    # -- Policy: training --------------------------------------------------------------
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.transformer.parameters() if p.requires_grad)
-
-    @property
-    def has_lora(self) -> bool:
-        return self.lora_config is not None
-
-    def enable_lora(self, rank: int, alpha: float, target_modules: Sequence[str] | None = None,
-                    dropout: float = 0.0) -> None:
-        """peft LoRA on the transformer's linears named by ``target_modules`` (suffixes);
-        LoRA weights are float32 whatever the base dtype, and only they train."""
-        from peft import LoraConfig
-
-        if self.has_lora:
-            raise RuntimeError("LoRA is already enabled on this policy")
-        targets = list(target_modules or self.default_lora_targets)
-        names = lora_target_names(self.transformer, targets)
-        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=dropout,
-                                                init_lora_weights=True), adapter_name=ADAPTER_NAME)
-        for n, p in self.transformer.named_parameters():
-            if ".lora_" in n:
-                p.data = p.data.float()
-                p.requires_grad_(True)
-        self.lora_config = {"rank": rank, "alpha": alpha, "target_modules": targets, "dropout": dropout}
-
-    def enable_full_finetune(self) -> None:
-        self.transformer.requires_grad_(True)
-        self.full_finetune = True
-
-    @contextmanager
-    def adapter_disabled(self) -> Iterator[None]:
-        if not self.has_lora:
-            raise NotImplementedError(f"{type(self).__name__} has no LoRA adapter; keep a frozen copy instead")
-        self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self.transformer.enable_adapters()
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME)
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(self.transformer, state, adapter_name=ADAPTER_NAME)
-        unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        if unexpected:
-            raise RefrlError(f"adapter weights do not match the LoRA config: unexpected {unexpected[:5]}")
-
-    def merge_lora(self) -> None:
-        """Fold the current LoRA into the base weights (e.g. SFT before GRPO); it is kept
-        in ``merged_adapters`` so that ``save_pretrained`` can rebuild the same model."""
-        if not self.has_lora:
-            return
-        self.merged_adapters.append((dict(self.lora_config), self.adapter_state_dict()))
-        self.transformer.fuse_lora(adapter_names=[ADAPTER_NAME])
-        self.transformer.unload_lora()
-        self.lora_config = None
-        self.transformer.requires_grad_(False)
-
-    # -- persistence -------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` (kind, base model, model config, LoRA configs) + LoRA weights; a full
-        fine-tune also writes ``transformer/``. The base weights stay where ``pretrained`` says."""
-        from safetensors.torch import save_file
+        """See `refrl.models.diffusers.persistence` for the folder layout."""
+        from refrl.models.diffusers.persistence import save_policy
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in [ADAPTER_WEIGHTS_NAME, *(p.name for p in directory.glob(MERGED_WEIGHTS_NAME.format("*")))]:
-            (directory / stale).unlink(missing_ok=True)
-        model = self.cfg.model_dump(mode="json")
-        model["init"] = None
-        pretrained = model.get("pretrained")
-        if pretrained and Path(pretrained).expanduser().is_dir():
-            model["pretrained"] = str(Path(pretrained).expanduser().resolve())
-        for i, (config, state) in enumerate(self.merged_adapters):
-            save_file(state, str(directory / MERGED_WEIGHTS_NAME.format(i)), metadata={"format": "pt"})
-        if self.has_lora:
-            save_file(self.adapter_state_dict(), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        if self.full_finetune:
-            self.transformer.save_pretrained(directory / TRANSFORMER_DIR, safe_serialization=True)
-        info = {"format": FORMAT, "kind": self.kind, "pretrained": model.get("pretrained"), "model": model,
-                "lora": self.lora_config, "merged_adapters": [c for c, _ in self.merged_adapters],
-                "full_finetune": self.full_finetune}
-        (directory / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        save_policy(self, directory)
 
-
-def checkpoint_with_fresh_kwargs(module: nn.Module, *args: Any) -> Any:
-    """Activation checkpointing that gives each block its own copy of dict arguments.
-
-    diffusers' FLUX.2 forward reuses one kwargs dict for every block and sets the
-    block's key/value cache in it before each call; a non-reentrant checkpoint
-    recomputes the block during backward with the dict as it is *then* (the last
-    block's cache), which silently corrupts gradients. Copying dicts at call time
-    pins each block's own entries.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
-    return checkpoint(module.__call__, *args, use_reentrant=False)
-
-
-def backend_class(kind: str) -> type[DiffusersPolicy]:
-    if kind == "flux2-klein":
-        from refrl.models.diffusers.flux2_klein import Flux2KleinPolicy as cls
-    elif kind == "qwen-edit-plus":
-        from refrl.models.diffusers.qwen_edit_plus import QwenEditPlusPolicy as cls
-    elif kind == "kontext":
-        from refrl.models.diffusers.kontext import KontextPolicy as cls
-    else:
-        raise RefrlError(f"unknown diffusers kind {kind!r}; allowed: {', '.join(DIFFUSERS_KINDS)}")
-    return cls
-
-
-def build_base(cfg: Any) -> DiffusersPolicy:
-    """The adapter of ``cfg.kind`` on the pretrained pipeline (no LoRA yet)."""
-    if not cfg.pretrained:
-        raise RefrlError(f"model.kind={cfg.kind} needs model.pretrained (a hub id or a local pipeline folder)")
-    return backend_class(cfg.kind).from_config(cfg)
-
-
-def build_diffusers_policy(cfg: Any) -> DiffusersPolicy:
-    """A fresh adapter from ``cfg`` (or ``cfg.init`` loaded with its LoRA merged), then a
-    new LoRA of ``cfg.lora_rank`` (or a full fine-tune when the rank is 0)."""
-    if cfg.init:
-        from refrl.models.build import resolve_checkpoint
-
-        policy = load_diffusers_policy(resolve_checkpoint(cfg.init), overrides=cfg)
-        policy.merge_lora()  # the starting model is the reference of the new adapter
-    else:
-        policy = build_base(cfg)
-    if cfg.lora_rank > 0:
-        policy.enable_lora(cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets)
-    else:
-        policy.enable_full_finetune()
-    return policy
-
-
-def load_diffusers_policy(directory: str | Path, overrides: Any = None) -> DiffusersPolicy:
-    """Rebuild a saved adapter: base pipeline, merged adapters in order, then the live LoRA.
-
-    ``overrides`` (a ModelConfig) replaces runtime settings (device, dtype, checkpointing,
-    text cache) but not what defines the model (kind, base model, resolution)."""
-    from safetensors.torch import load_file
-
-    from refrl.models.build import ModelConfig
-
-    directory = Path(directory)
-    path = directory / CONFIG_NAME
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RefrlError(f"{path}: cannot read ({e})") from None
-    if info.get("format") != FORMAT:
-        raise RefrlError(f"{path} is not a saved diffusers policy (format {info.get('format')!r})")
-    model = dict(info["model"])
-    if overrides is not None:
-        for key in ("device", "dtype", "gradient_checkpointing", "text_cache"):
-            model[key] = getattr(overrides, key)
-    cfg = ModelConfig.model_validate(model)
-    needed = [MERGED_WEIGHTS_NAME.format(i) for i in range(len(info.get("merged_adapters", [])))]
-    needed += [ADAPTER_WEIGHTS_NAME] if info.get("lora") else []
-    missing = [n for n in needed if not (directory / n).is_file()]
-    if info.get("full_finetune") and not (directory / TRANSFORMER_DIR).is_dir():
-        missing.append(TRANSFORMER_DIR + "/")
-    if missing:
-        raise RefrlError(f"cannot load the policy in {directory}: missing {', '.join(missing)}")
-    transformer_dir = directory / TRANSFORMER_DIR if info.get("full_finetune") else None
-    policy = backend_class(cfg.kind).from_config(cfg, transformer_dir=transformer_dir)
-    for i, lora in enumerate(info.get("merged_adapters", [])):
-        policy.enable_lora(**lora)
-        policy.load_adapter_state_dict(load_file(str(directory / MERGED_WEIGHTS_NAME.format(i))))
-        policy.merge_lora()
-    if info.get("lora"):
-        policy.enable_lora(**info["lora"])
-        policy.load_adapter_state_dict(load_file(str(directory / ADAPTER_WEIGHTS_NAME)))
-    elif info.get("full_finetune"):
-        policy.enable_full_finetune()
-    return policy

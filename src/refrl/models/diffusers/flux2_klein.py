@@ -79,6 +79,11 @@ class Flux2KleinPolicy(DiffusersPolicy):
     def _token_grid(self, h: int, w: int) -> tuple[int, int]:
         return h, w
 
+    def _shift_mu(self, image_seq_len: int, steps: int) -> float:
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
+
     def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.pipe._encode_vae_image(images, generator=None)  # patchified, batch-norm normalised
 

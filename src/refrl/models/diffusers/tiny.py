@@ -90,18 +90,22 @@ def char_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def tiny_flux2_klein_components(seed: int = 0) -> dict[str, Any]:
-    """FLUX.2 [klein]: 1 double + 1 single block, a 3-level VAE (x4 down), a 2-layer Qwen3.
+def tiny_flux2_klein_components(seed: int = 0, layers: int = 1) -> dict[str, Any]:
+    """FLUX.2 [klein]: ``layers`` double + single blocks, a 3-level VAE (x4 down), a 2-layer Qwen3.
 
     The FLUX.2 pipelines refuse references under 64 px, so tests use 64 px references."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     out_layers = TINY_OPTIONS["flux2-klein"]["text_encoder_out_layers"]
     latent_channels = 2
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
+        patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=layers,
         attention_head_dim=TINY_HEAD_DIM, num_attention_heads=TINY_HEADS,
         joint_attention_dim=TINY_HIDDEN * len(out_layers), timestep_guidance_channels=32,
         axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
@@ -127,7 +131,11 @@ def tiny_flux2_klein_components(seed: int = 0) -> dict[str, Any]:
 
 def tiny_qwen_edit_plus_components(seed: int = 0) -> dict[str, Any]:
     """Qwen-Image-Edit-Plus: 1 MMDiT block, the causal 3-D VAE (x4 down), a 2-layer Qwen2.5-VL."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -231,13 +239,13 @@ def quantize_sample(sample, n_refs: int | None = None):
                         target=q(sample.target), mask=sample.mask, category=sample.category, extra=sample.extra)
 
 
-def tiny_pipeline(kind: str, seed: int = 0):
+def tiny_pipeline(kind: str, seed: int = 0, **sizes: int):
     """The diffusers pipeline of ``kind`` assembled from tiny components (in memory)."""
     from refrl.models.diffusers.common import pipeline_class
 
     if kind not in TINY_BUILDERS:
         raise ValueError(f"unknown kind {kind!r}; allowed: {', '.join(TINY_BUILDERS)}")
-    return pipeline_class(kind)(**TINY_BUILDERS[kind](seed))
+    return pipeline_class(kind)(**TINY_BUILDERS[kind](seed, **sizes))
 
 
 def save_tiny_pipeline(kind: str, folder: str | Path, seed: int = 0) -> Path:

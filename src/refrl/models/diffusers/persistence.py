@@ -1,0 +1,133 @@
+"""Building, saving and loading diffusers adapters.
+
+A saved adapter is a folder a person can read: ``config.json`` names the kind, the base
+model (hub id or absolute local folder) and the full model config, and lists the LoRA
+configs; ``adapter.safetensors`` holds the live LoRA, ``merged-<i>.safetensors`` the
+adapters already folded into the base (e.g. the SFT LoRA under a GRPO run), and a full
+fine-tune adds ``transformer/``. The base weights are never copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from refrl.errors import RefrlError
+from refrl.models.diffusers.common import DiffusersPolicy
+from refrl.models.diffusers.options import DIFFUSERS_KINDS
+
+CONFIG_NAME = "config.json"
+ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
+MERGED_WEIGHTS_NAME = "merged-{}.safetensors"
+TRANSFORMER_DIR = "transformer"  # full fine-tunes save the whole transformer here
+FORMAT = "refrl-diffusers-policy"
+
+
+def save_policy(policy: DiffusersPolicy, directory: str | Path) -> None:
+    """``config.json`` (kind, base model, model config, LoRA configs) + LoRA weights; a full
+    fine-tune also writes ``transformer/``. The base weights stay where ``pretrained`` says."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in [ADAPTER_WEIGHTS_NAME, *(p.name for p in directory.glob(MERGED_WEIGHTS_NAME.format("*")))]:
+        (directory / stale).unlink(missing_ok=True)
+    model = policy.cfg.model_dump(mode="json")
+    model["init"] = None
+    pretrained = model.get("pretrained")
+    if pretrained and Path(pretrained).expanduser().is_dir():
+        model["pretrained"] = str(Path(pretrained).expanduser().resolve())
+    for i, (_, state) in enumerate(policy.merged_adapters):
+        save_file(state, str(directory / MERGED_WEIGHTS_NAME.format(i)), metadata={"format": "pt"})
+    if policy.has_lora:
+        save_file(policy.adapter_state_dict(), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    if policy.full_finetune:
+        policy.transformer.save_pretrained(directory / TRANSFORMER_DIR, safe_serialization=True)
+    info = {"format": FORMAT, "kind": policy.kind, "pretrained": model.get("pretrained"), "model": model,
+            "lora": policy.lora_config, "merged_adapters": [c for c, _ in policy.merged_adapters],
+            "full_finetune": policy.full_finetune}
+    (directory / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def backend_class(kind: str) -> type[DiffusersPolicy]:
+    if kind == "flux2-klein":
+        from refrl.models.diffusers.flux2_klein import Flux2KleinPolicy as cls
+    elif kind == "qwen-edit-plus":
+        from refrl.models.diffusers.qwen_edit_plus import QwenEditPlusPolicy as cls
+    elif kind == "kontext":
+        from refrl.models.diffusers.kontext import KontextPolicy as cls
+    else:
+        raise RefrlError(f"unknown diffusers kind {kind!r}; allowed: {', '.join(DIFFUSERS_KINDS)}")
+    return cls
+
+
+def build_base(cfg: Any) -> DiffusersPolicy:
+    """The adapter of ``cfg.kind`` on the pretrained pipeline (no LoRA yet)."""
+    if not cfg.pretrained:
+        raise RefrlError(f"model.kind={cfg.kind} needs model.pretrained (a hub id or a local pipeline folder)")
+    return backend_class(cfg.kind).from_config(cfg)
+
+
+def build_diffusers_policy(cfg: Any) -> DiffusersPolicy:
+    """A fresh adapter from ``cfg`` (or ``cfg.init`` loaded with its LoRA merged), then a
+    new LoRA of ``cfg.lora_rank`` (or a full fine-tune when the rank is 0)."""
+    if cfg.init:
+        from refrl.models.build import resolve_checkpoint
+
+        policy = load_diffusers_policy(resolve_checkpoint(cfg.init), overrides=cfg)
+        policy.merge_lora()  # the starting model is the reference of the new adapter
+    else:
+        policy = build_base(cfg)
+    if cfg.lora_rank > 0:
+        policy.enable_lora(cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets)
+    else:
+        policy.enable_full_finetune()
+    return policy
+
+
+def load_diffusers_policy(directory: str | Path, overrides: Any = None) -> DiffusersPolicy:
+    """Rebuild a saved adapter: base pipeline, merged adapters in order, then the live LoRA.
+
+    ``overrides`` (a ModelConfig) replaces runtime settings (device, dtype, checkpointing,
+    text cache, reference cache) and, when given, where the base model lives; not what
+    defines the model (kind, resolution, backend options)."""
+    from safetensors.torch import load_file
+
+    from refrl.models.build import ModelConfig
+
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RefrlError(f"{path}: cannot read ({e})") from None
+    if info.get("format") != FORMAT:
+        raise RefrlError(f"{path} is not a saved diffusers policy (format {info.get('format')!r})")
+    model = dict(info["model"])
+    if overrides is not None:
+        if overrides.kind != info.get("kind"):
+            raise RefrlError(f"model.init={directory} holds a {info.get('kind')} policy but model.kind={overrides.kind}")
+        for key in ("device", "dtype", "gradient_checkpointing", "text_cache", "use_ref_cache"):
+            model[key] = getattr(overrides, key)
+        model["pretrained"] = overrides.pretrained or model["pretrained"]  # the same base, maybe elsewhere
+    cfg = ModelConfig.model_validate(model)
+    needed = [MERGED_WEIGHTS_NAME.format(i) for i in range(len(info.get("merged_adapters", [])))]
+    needed += [ADAPTER_WEIGHTS_NAME] if info.get("lora") else []
+    missing = [n for n in needed if not (directory / n).is_file()]
+    if info.get("full_finetune") and not (directory / TRANSFORMER_DIR).is_dir():
+        missing.append(TRANSFORMER_DIR + "/")
+    if missing:
+        raise RefrlError(f"cannot load the policy in {directory}: missing {', '.join(missing)}")
+    transformer_dir = directory / TRANSFORMER_DIR if info.get("full_finetune") else None
+    policy = backend_class(cfg.kind).from_config(cfg, transformer_dir=transformer_dir)
+    for i, lora in enumerate(info.get("merged_adapters", [])):
+        policy.enable_lora(**lora)
+        policy.load_adapter_state_dict(load_file(str(directory / MERGED_WEIGHTS_NAME.format(i))))
+        policy.merge_lora()
+    if info.get("lora"):
+        policy.enable_lora(**info["lora"])
+        policy.load_adapter_state_dict(load_file(str(directory / ADAPTER_WEIGHTS_NAME)))
+    elif info.get("full_finetune"):
+        policy.enable_full_finetune()
+    return policy
