@@ -30,7 +30,7 @@ QUICKSTART_GRPO: dict[str, Any] = {
     "checkpoint_every": 4,
     "model": {"init": "tiny-sft"},
     "data": {"source": "refworld", "split": "train", "curriculum": [[0.0, 2]]},
-    "optim": {"lr": 2.0e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1.0e-4},
+    "optim": {"lr": 5.0e-5, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1.0e-4},
     "sampling": {"steps": 10, "sde_kind": "flow-sde", "noise_level": 0.7, "sde_steps": "window", "window": 3},
     "rewards": [
         {"name": "identity", "weight": 1.0},
