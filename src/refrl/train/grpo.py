@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import signal
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -204,14 +205,11 @@ class GRPOTrainer:
         _, logp, mean, std = sde_step(sc.sde_kind, x, v, sigma, sigma_next, sc.noise_level, prev_sample=x_next)
         return logp, mean, std
 
-    def _reference_conds(self, mb_samples):
-        """Conditions of the KL reference policy (adapter off, or the frozen copy), no grad."""
-        sc = self.cfg.sampling
-        with torch.no_grad():
-            if self.reference == "adapter":
-                with self.policy.adapter_disabled():
-                    return self.policy, encode_for_guidance(self.policy, mb_samples, sc.cfg_scale)
-            return self.reference, encode_for_guidance(self.reference, mb_samples, sc.cfg_scale)
+    def _as_reference(self):
+        """The KL reference policy and the (single-use) context it runs in: adapter off, or the frozen copy."""
+        if self.reference == "adapter":
+            return self.policy, self.policy.adapter_disabled()
+        return self.reference, nullcontext()
 
     def train_on(self, it: int, ro: dict[str, Any], adv, loss_weights) -> dict[str, float]:
         cfg = self.cfg
@@ -231,7 +229,11 @@ class GRPOTrainer:
                 ratios = []
                 # the condition is encoded once per minibatch (with gradients) and shared by its steps
                 conds = encode_for_guidance(self.policy, mb_samples, cfg.sampling.cfg_scale)
-                ref = self._reference_conds(mb_samples) if self.reference is not None else None
+                ref_conds = None
+                if self.reference is not None:
+                    ref_policy, ctx = self._as_reference()
+                    with torch.no_grad(), ctx:
+                        ref_conds = encode_for_guidance(ref_policy, mb_samples, cfg.sampling.cfg_scale)
                 for j, t in enumerate(sde_steps):
                     s, s_next = float(sigmas[t]), float(sigmas[t + 1])
                     x, x_next = ro["latents"][idx, j], ro["next_latents"][idx, j]
@@ -239,13 +241,10 @@ class GRPOTrainer:
                     loss, st = ppo_clip_loss(logp, ro["log_probs"][idx, j], adv[idx, j], cfg.clip_range,
                                              weights=loss_weights[idx])
                     ratios.append(torch.exp(logp.detach() - ro["log_probs"][idx, j]))
-                    if ref is not None:
-                        with torch.no_grad():
-                            if self.reference == "adapter":
-                                with self.policy.adapter_disabled():
-                                    _, mean_ref, _ = self._log_prob(ref[0], ref[1], x, x_next, s, s_next)
-                            else:
-                                _, mean_ref, _ = self._log_prob(ref[0], ref[1], x, x_next, s, s_next)
+                    if ref_conds is not None:
+                        ref_policy, ctx = self._as_reference()
+                        with torch.no_grad(), ctx:
+                            _, mean_ref, _ = self._log_prob(ref_policy, ref_conds, x, x_next, s, s_next)
                         kl = gaussian_mean_kl(mean, mean_ref, std).mean()
                         loss = loss + cfg.beta_kl * kl
                         stats["kl"].append(float(kl.detach()))
