@@ -13,7 +13,7 @@ from refrl.config import load_config
 from refrl.errors import ConfigError, RefrlError
 from refrl.train.checkpoint import latest_checkpoint, list_checkpoints
 from refrl.train.optim import OptimConfig, lr_factor
-from refrl.train.sft import SFTConfig, flow_matching_loss, train_sft
+from refrl.train.sft import SFTConfig, flow_matching_loss, train_sft, x0_loss_weight
 
 TINY = [
     "model.width=32", "model.depth=1", "model.heads=2", "batch_size=2", "noise_per_condition=2",
@@ -35,6 +35,20 @@ def test_flow_matching_loss_by_hand():
     assert flow_matching_loss(pred, target, mask, "only", 4.0).item() == pytest.approx(9.0)
     # a sample with an empty mask falls back to the plain MSE under "only"
     assert flow_matching_loss(pred, target, torch.zeros_like(mask), "only", 4.0).item() == pytest.approx(5.0)
+
+
+def test_x0_weighting_is_the_clean_image_error():
+    torch.manual_seed(0)
+    x0, noise, x0_hat = torch.randn(3, 2, 3, 4, 4).unbind(0)
+    sigma = torch.tensor([0.5, 0.02])  # the second is below the floor 0.05
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    v_pred = (x_t - x0_hat) / s  # an x0-predicting model's velocity
+    w = x0_loss_weight(sigma, 0.05)
+    torch.testing.assert_close(w, torch.tensor([0.25, 0.0025]))
+    loss = flow_matching_loss(v_pred, noise - x0, None, "none", 0.0, sample_weight=w)
+    per_sample = (x0_hat - x0).pow(2).flatten(1).mean(1) * torch.tensor([1.0, (0.05 / 0.02) ** 2])
+    torch.testing.assert_close(loss, per_sample.mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_lr_schedule_by_hand():

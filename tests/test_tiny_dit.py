@@ -302,3 +302,28 @@ def test_from_pretrained_names_missing_file(tmp_path):
     (tmp_path / "lora" / "adapter.safetensors").unlink()
     with pytest.raises(RefrlError, match=r"adapter\.safetensors is missing"):
         TinyDiTPolicy.from_pretrained(tmp_path / "lora")
+
+
+def test_tied_index_words_add_the_word_embedding_to_each_reference(tmp_path):
+    from refrl.data.refworld.vocab import WORDS
+    from refrl.models.build import ModelConfig, build_policy, load_policy
+
+    policy = build_policy(ModelConfig(width=32, depth=2, heads=2, tie_index_words=True))
+    tok = WordTokenizer.from_words(WORDS)
+    # RefWorld names references 1..7; the model allows 8, and "8" has no word (-1)
+    assert policy.config.index_word_ids == [tok.word_to_id[str(i)] for i in range(1, 8)] + [-1]
+    net = policy.net
+    s = sample("a", "put the subject of image 2 at the top left", n_refs=2, seed=3, size=32)
+    inp = policy.condition_inputs([s])
+    tokens, _ = net.embed_condition(inp)
+    net.index_word_ids = None  # the same network without the tie
+    untied, _ = net.embed_condition(inp)
+    t = policy.config.tokens_per_ref
+    n_text = inp.text_ids.shape[1]
+    ref_tokens = (tokens - untied)[0, 1 + n_text:].reshape(2, t, -1)
+    for i in range(2):
+        expected = net.text_embed.weight[tok.word_to_id[str(i + 1)]]
+        torch.testing.assert_close(ref_tokens[i], expected.expand(t, -1))
+    torch.testing.assert_close((tokens - untied)[0, : 1 + n_text], torch.zeros(1 + n_text, tokens.shape[-1]))
+    policy.save_pretrained(tmp_path / "p")
+    assert load_policy(tmp_path / "p").config.index_word_ids == policy.config.index_word_ids

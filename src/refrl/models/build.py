@@ -42,6 +42,7 @@ class ModelConfig(StrictModel):
     max_refs: int = 8
     max_text_len: int = 48
     use_ref_cache: bool = True
+    tie_index_words: bool = Field(False, description="tiny-dit: reference i also gets the embedding of the word naming it")
     prediction: Literal["v", "x0"] = Field("x0", description="what the network's head predicts (x0: JiT-style)")
     lora_rank: int = Field(0, ge=0, description="0 = full fine-tune; >0 = LoRA of this rank (peft)")
     lora_alpha: float | None = Field(None, description="default: equal to the rank")
@@ -101,6 +102,11 @@ def load_policy(name_or_path: str | Path) -> Policy:
     return TinyDiTPolicy.from_pretrained(folder)
 
 
+def _index_word_ids(tok, n: int) -> list[int]:
+    """Token ids of "1".."n", how prompts name the references ("image 2"); -1 for a number not in the vocabulary."""
+    return [tok.word_to_id.get(str(i + 1), -1) for i in range(n)]
+
+
 def build_policy(cfg: ModelConfig) -> Policy:
     """A fresh policy from ``cfg`` (or ``cfg.init`` loaded), with LoRA if asked."""
     if cfg.kind in DIFFUSERS_KINDS:
@@ -122,6 +128,7 @@ def build_policy(cfg: ModelConfig) -> Policy:
             ref_patch=cfg.ref_patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
             max_refs=cfg.max_refs, max_text_len=cfg.max_text_len, use_ref_cache=cfg.use_ref_cache,
             prediction=cfg.prediction,
+            index_word_ids=_index_word_ids(tok, cfg.max_refs) if cfg.tie_index_words else None,
         )
         policy = TinyDiTPolicy(tok, arch)
     if cfg.lora_rank > 0:

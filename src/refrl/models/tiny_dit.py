@@ -66,6 +66,10 @@ class TinyDiTConfig:
     # image is low-dimensional, the noise is not. "v": the head predicts v directly.
     prediction: str = "v"
     x0_sigma_floor: float = 0.05
+    # Word ids of "1", "2", ... (-1 where the vocabulary has none): reference i also carries the embedding of the word that
+    # names it in prompts ("image 3"), so text and references share a key from step 0
+    # instead of the model having to learn which index embedding "3" means.
+    index_word_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch", "ref_size", "ref_patch", "width", "depth", "heads", "mlp_ratio", "n_ref_types"):
@@ -82,6 +86,10 @@ class TinyDiTConfig:
             raise ValueError(f"width ({self.width}) must split into heads ({self.heads}) of even size")
         if self.width % 4:
             raise ValueError(f"width ({self.width}) must be a multiple of 4 (2D sin/cos positions)")
+        if self.index_word_ids is not None:
+            if len(self.index_word_ids) < self.max_refs:
+                raise ValueError(f"TinyDiTConfig.index_word_ids needs one word id per reference ({self.max_refs}), got {len(self.index_word_ids)}")
+            self.index_word_ids = [int(i) for i in self.index_word_ids]
         if self.prediction not in ("v", "x0"):
             raise ValueError(f"TinyDiTConfig.prediction must be 'v' or 'x0', got {self.prediction!r}")
 
@@ -344,6 +352,10 @@ class TinyDiT(nn.Module):
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False)
         self.final_ada = nn.Linear(w, 2 * w)
         self.head = nn.Linear(w, config.patch_dim)
+        if config.index_word_ids is not None:
+            self.register_buffer("index_word_ids", torch.tensor(config.index_word_ids, dtype=torch.long), persistent=False)
+        else:
+            self.index_word_ids = None
         frame = (config.image_size, config.patch)
         self.register_buffer("image_pos", grid_positions(*frame, *frame, w), persistent=False)
         self.register_buffer("ref_pos", grid_positions(config.ref_size, config.ref_patch, *frame, w), persistent=False)
@@ -375,6 +387,10 @@ class TinyDiT(nn.Module):
         t = cfg.tokens_per_ref
         patches = patchify(inputs.ref_pixels.flatten(0, 1), cfg.ref_patch).reshape(b, n_refs, t, cfg.ref_patch_dim)
         ref_id = self.type_embed(inputs.ref_types) + self.index_embed.weight[:n_refs]  # (B, R, W)
+        if self.index_word_ids is not None:
+            ids = self.index_word_ids[:n_refs]
+            known = (ids >= 0).to(ref_id.dtype)[:, None]  # -1: the vocabulary has no word for this index
+            ref_id = ref_id + self.text_embed(ids.clamp_min(0)) * known
         refs = (self.ref_embed(patches) + self.ref_pos + ref_id[:, :, None]).reshape(b, n_refs * t, cfg.width)
         tokens = torch.cat([self.register_token.expand(b, -1, -1), words, refs], dim=1)
         ones = torch.ones(b, 1, dtype=torch.bool, device=tokens.device)

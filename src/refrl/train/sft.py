@@ -54,6 +54,10 @@ class SFTConfig(StrictModel):
     drop_text_prob: float = Field(0.1, ge=0, le=1, description="CFG training: empty prompt")
     drop_refs_prob: float = Field(0.1, ge=0, le=1, description="CFG training: no references")
     drop_both_prob: float = Field(0.0, ge=0, le=1, description="CFG training: fully unconditional")
+    loss_weighting: Literal["velocity", "x0"] = Field(
+        "velocity", description="velocity: plain MSE on v; x0: the same error times sigma^2, i.e. MSE on the clean image"
+    )
+    x0_weight_floor: float = Field(0.05, gt=0, le=1, description="x0 weighting uses max(sigma, floor)^2")
     mask_loss: Literal["none", "weighted", "only"] = "weighted"
     mask_weight: float = Field(4.0, ge=0, description="extra loss weight inside the mask (OmniRefiner)")
     ema_decay: float = 0.999
@@ -73,12 +77,16 @@ def sample_sigmas(cfg: SFTConfig, n: int, generator: torch.Generator) -> torch.T
 
 
 def flow_matching_loss(
-    pred: torch.Tensor, target_v: torch.Tensor, mask: torch.Tensor | None, mode: str, mask_weight: float
+    pred: torch.Tensor, target_v: torch.Tensor, mask: torch.Tensor | None, mode: str, mask_weight: float,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared velocity error; with a mask, ``weighted`` scales the error inside the
     mask by ``1 + mask_weight`` and ``only`` keeps the masked region alone (OmniRefiner's
-    masked MSE). Samples without a mask use the plain MSE."""
+    masked MSE). Samples without a mask use the plain MSE. ``sample_weight`` (B,) scales
+    each sample's error (see :func:`x0_loss_weight`)."""
     err = (pred.float() - target_v.float()).pow(2).mean(dim=1, keepdim=True)  # (B,1,H,W)
+    if sample_weight is not None:
+        err = err * sample_weight.view(-1, 1, 1, 1)
     if mask is None or mode == "none":
         return err.mean()
     if mode == "weighted":
@@ -87,6 +95,15 @@ def flow_matching_loss(
     has = mask.flatten(1).sum(1) > 0
     w = torch.where(has[:, None, None, None], mask, torch.ones_like(mask))
     return ((err * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-6)).mean()
+
+
+def x0_loss_weight(sigma: torch.Tensor, floor: float) -> torch.Tensor:
+    """``max(sigma, floor)^2``: since ``v = (x_t - x0) / sigma``, the velocity error times
+    sigma^2 is the error on the clean image. The plain velocity loss weights low-noise
+    steps by 1/sigma^2 relative to that, so a small pixel-space model spends its first
+    thousand steps on local denoising; the x0 weighting puts the weight back on the
+    high-noise steps where the composition is decided."""
+    return sigma.clamp_min(floor).pow(2)
 
 
 def _stack_masks(samples: list[LoadedSample], shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -207,5 +224,7 @@ def sft_step(policy, source: SampleSource, cfg: SFTConfig, step: int) -> tuple[t
     x_t = (1 - s) * x0 + s * noise
     pred = policy.velocity(x_t, sigma, cond_k)
     masks = _stack_masks(samples, x0.shape)
-    loss = flow_matching_loss(pred, noise - x0, None if masks is None else masks[index], cfg.mask_loss, cfg.mask_weight)
+    weight = x0_loss_weight(sigma, cfg.x0_weight_floor) if cfg.loss_weighting == "x0" else None
+    loss = flow_matching_loss(pred, noise - x0, None if masks is None else masks[index], cfg.mask_loss, cfg.mask_weight,
+                              sample_weight=weight)
     return loss, {"level": source.level_at(step), "mean_refs": float(np.mean([s.n_refs for s in samples]))}
