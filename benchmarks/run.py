@@ -135,11 +135,23 @@ def rollout_row(policy: TinyDiTPolicy, n_refs: int, batch: int, repeats: int) ->
     return row
 
 
+def shipped_architecture() -> dict[str, Any]:
+    """The tiny DiT that `configs/tiny-cpu-sft.yaml` trains (the shipped checkpoint's shape)."""
+    from pathlib import Path
+
+    from refrl.config import load_config
+    from refrl.train.sft import SFTConfig
+
+    model = load_config(SFTConfig, Path(__file__).resolve().parent.parent / "configs/tiny-cpu-sft.yaml").model
+    keys = ("image_size", "patch", "ref_size", "ref_patch", "width", "depth", "heads", "mlp_ratio", "prediction")
+    return {k: getattr(model, k) for k in keys}
+
+
 def rollout_section(args: argparse.Namespace) -> dict[str, Any]:
     batch, repeats = ROLLOUT_BATCH[args.mode], REPEATS[args.mode]
     torch.manual_seed(0)
     tokenizer = WordTokenizer.from_words([rollout_prompt(max(ROLLOUT_N_REFS))])
-    policy = TinyDiTPolicy(tokenizer, TinyDiTConfig(**args.tiny_dit)).eval()
+    policy = TinyDiTPolicy(tokenizer, TinyDiTConfig(**{**shipped_architecture(), **args.tiny_dit})).eval()
     with torch.no_grad():  # non-zero gates and head, as after training
         for p in policy.net.parameters():
             p.add_(0.02 * torch.randn_like(p))
