@@ -160,7 +160,7 @@ def seed_text_embedding(policy, sample, tokens: int) -> None:
     """Random text embeddings in the text cache, as precomputed ones would be."""
     width = policy.transformer.config.joint_attention_dim
     refs = [r for r in sample.ref_images]
-    from refrl.models.diffusers.common import resize_square
+    from refrl.models.inputs import resize_square
 
     refs = [resize_square(r, policy.cfg.ref_size, "ref") for r in refs]
     for prompt, kept in ((sample.prompt, refs), (policy.opts.negative_prompt, refs)):

@@ -23,12 +23,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from refrl.data.schema import REFERENCE_TYPES, LoadedSample, canonical_reference_type
 from refrl.errors import RefrlError
+from refrl.models.inputs import drop_flags, resize_square
 from refrl.models.tiny_dit import ConditionInputs, TinyDiT, TinyDiTCondition, TinyDiTConfig
 from refrl.models.tokenizer import WordTokenizer
 
@@ -94,7 +94,7 @@ class TinyDiTPolicy(nn.Module):
         drop_refs: torch.Tensor | None = None,
     ) -> ConditionInputs:
         cfg, b = self.config, len(samples)
-        no_text, no_refs = _flags(drop_text, b, "drop_text"), _flags(drop_refs, b, "drop_refs")
+        no_text, no_refs = drop_flags(drop_text, b, "drop_text"), drop_flags(drop_refs, b, "drop_refs")
         for s in samples:
             if s.n_refs > cfg.max_refs:
                 raise RefrlError(f"sample {s.id!r} has {s.n_refs} references; the model takes at most max_refs={cfg.max_refs}")
@@ -109,7 +109,7 @@ class TinyDiTPolicy(nn.Module):
             if dropped:
                 continue
             for j, (image, ref_type) in enumerate(zip(s.ref_images, s.ref_types, strict=True)):
-                pixels[i, j] = _reference_pixels(image, cfg.ref_size, f"sample {s.id!r} reference {j + 1}")
+                pixels[i, j] = resize_square(image, cfg.ref_size, f"sample {s.id!r} reference {j + 1}") * 2 - 1
                 try:
                     types[i, j] = REFERENCE_TYPES.index(canonical_reference_type(ref_type))
                 except ValueError as e:
@@ -238,22 +238,3 @@ class TinyDiTPolicy(nn.Module):
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
         return policy.to(device)
-
-
-def _flags(drop: torch.Tensor | None, batch: int, name: str) -> list[bool]:
-    if drop is None:
-        return [False] * batch
-    if drop.shape != (batch,):
-        raise ValueError(f"{name} must be a bool tensor of shape ({batch},), got shape {tuple(drop.shape)}")
-    return [bool(d) for d in drop.tolist()]
-
-
-def _reference_pixels(image: torch.Tensor, size: int, where: str) -> torch.Tensor:
-    """A reference (3, H, W) in [0, 1] -> (3, size, size) in [-1, 1] (bilinear, antialiased)."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise RefrlError(f"{where}: expected a float tensor (3, H, W) in [0, 1], got {shape}")
-    image = image.float()
-    if image.shape[1:] != (size, size):
-        image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return image * 2 - 1

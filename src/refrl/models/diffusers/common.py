@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.models.diffusers.finetune import FinetuneMixin, checkpoint_with_fresh_kwargs
 from refrl.models.diffusers.text_cache import TextEmbeddingCache
+from refrl.models.inputs import drop_flags, resize_square
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,25 +82,6 @@ def resolve_device(name: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-def _flags(drop: torch.Tensor | None, batch: int, name: str) -> list[bool]:
-    if drop is None:
-        return [False] * batch
-    if tuple(drop.shape) != (batch,):
-        raise ValueError(f"{name} must be a bool tensor of shape ({batch},), got shape {tuple(drop.shape)}")
-    return [bool(d) for d in drop.tolist()]
-
-
-def resize_square(image: torch.Tensor, size: int, where: str) -> torch.Tensor:
-    """(3, H, W) in [0, 1] -> (3, size, size), bilinear with antialiasing."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise RefrlError(f"{where}: expected a float tensor (3, H, W) in [0, 1], got {shape}")
-    image = image.float()
-    if tuple(image.shape[1:]) != (size, size):
-        image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return image.clamp(0, 1)
 
 
 class DiffusersPolicy(FinetuneMixin, nn.Module):
@@ -205,6 +186,14 @@ class DiffusersPolicy(FinetuneMixin, nn.Module):
         """Velocity tokens of noisy tokens ``x`` (B, N, C) for base rows ``rows`` with ``n_refs`` references."""
         raise NotImplementedError
 
+    def _in_context(self, x: torch.Tensor, cond: DiffusersCondition, rows: torch.Tensor, n_refs: int) -> torch.Tensor:
+        """Noisy tokens followed by the rows' first ``n_refs`` references' latent tokens
+        (the in-context layout of Kontext and Qwen-Image-Edit); ``rows`` on the device."""
+        if not n_refs:
+            return x
+        tokens = n_refs * cond.ref_grid[0] * cond.ref_grid[1]
+        return torch.cat([x, cond.refs[rows, :tokens]], dim=1)
+
     def _reference_order(self, sample: LoadedSample) -> list[int]:
         return list(range(sample.n_refs))
 
@@ -219,7 +208,7 @@ class DiffusersPolicy(FinetuneMixin, nn.Module):
     def encode_condition(self, samples: Sequence[LoadedSample], drop_text: torch.Tensor | None = None,
                          drop_refs: torch.Tensor | None = None) -> DiffusersCondition:
         b = len(samples)
-        no_text, no_refs = _flags(drop_text, b, "drop_text"), _flags(drop_refs, b, "drop_refs")
+        no_text, no_refs = drop_flags(drop_text, b, "drop_text"), drop_flags(drop_refs, b, "drop_refs")
         kept: list[list[torch.Tensor]] = []
         for s, dt, dr in zip(samples, no_text, no_refs, strict=True):
             if len(s.ref_types) != s.n_refs:

@@ -88,10 +88,7 @@ class KontextPolicy(DiffusersPolicy):
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, grid: tuple[int, int], cond: DiffusersCondition,
                  rows: torch.Tensor, n_refs: int) -> torch.Tensor:
         b, rows = x.shape[0], rows.to(self.device_)
-        hidden = x
-        if n_refs:
-            tokens = n_refs * cond.ref_grid[0] * cond.ref_grid[1]
-            hidden = torch.cat([x, cond.refs[rows, :tokens]], dim=1)
+        hidden = self._in_context(x, cond, rows, n_refs)
         text = cond.text["t5"][rows]
         guidance = None
         if self.transformer.config.guidance_embeds:
