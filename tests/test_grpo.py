@@ -136,7 +136,7 @@ def test_two_processes_match_one(tmp_path, tiny_policy_dir):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra", [["kl_reference=copy"], ["kl_reference=adapter", "model.lora_rank=4"]])
+@pytest.mark.parametrize("extra", [["kl_reference=copy"], ["kl_reference=adapter", "model.lora_rank=4"], ["kl_reference=auto"]])
 def test_kl_to_reference_is_zero_before_the_first_update(tmp_path, tiny_policy_dir, extra):
     # one minibatch per iteration: the KL of iteration 1 is measured before any update
     cfg = grpo_cfg(tiny_policy_dir, "iterations=2", "beta_kl=0.1", "minibatch_size=8", *extra)
@@ -151,6 +151,34 @@ def test_kl_adapter_without_lora_is_a_clear_error(tmp_path, tiny_policy_dir):
 
     with pytest.raises(RefrlError, match="lora_rank"):
         GRPOTrainer(grpo_cfg(tiny_policy_dir, "beta_kl=0.1", "kl_reference=adapter"), tmp_path / "run")
+
+
+@pytest.mark.parametrize(("extra", "expected"), [([], "copy"), (["model.lora_rank=4"], "adapter")])
+def test_kl_reference_auto_picks_adapter_for_lora_and_a_copy_otherwise(tmp_path, tiny_policy_dir, extra, expected):
+    trainer = GRPOTrainer(grpo_cfg(tiny_policy_dir, "beta_kl=0.1", *extra), tmp_path / "run")
+    kind = "adapter" if trainer.reference == "adapter" else "copy"
+    assert kind == expected
+    if expected == "copy":
+        assert trainer.reference is not trainer.policy
+        assert not any(p.requires_grad for p in trainer.reference.trainable_parameters())
+
+
+def test_resume_refuses_a_run_started_from_other_weights(tmp_path, tiny_policy_dir):
+    from refrl.errors import RefrlError
+
+    init = tmp_path / "init"
+    shutil.copytree(tiny_policy_dir, init)
+    run = tmp_path / "run"
+    train_grpo(grpo_cfg(init, "iterations=1"), run)
+    weights = next(init.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0  # the "retrained" init checkpoint, same name
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(weights))
+    with pytest.raises(RefrlError, match="different initial weights"):
+        train_grpo(grpo_cfg(init, "iterations=2"), run, resume=True)
 
 
 def test_missing_tracker_package_is_a_clear_error(tmp_path, tiny_policy_dir, monkeypatch):

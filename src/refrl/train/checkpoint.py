@@ -16,6 +16,7 @@ never leaves a half checkpoint that ``latest_checkpoint`` would pick.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -128,3 +129,36 @@ def load_trainable(named: list[tuple[str, torch.nn.Parameter]], ckpt: str | Path
         if state[k].shape != p.shape:
             raise RefrlError(f"{ckpt}: weight {k} has shape {tuple(state[k].shape)}, model expects {tuple(p.shape)}")
         p.copy_(state[k])
+
+
+def init_fingerprint(init: str | None) -> str | None:
+    """SHA-256 over the weight files of the checkpoint that ``model.init`` names (None: no init).
+
+    Names such as ``tiny-sft`` can point at different weights after an upgrade, so a
+    resumed run compares contents, not names.
+    """
+    if init is None:
+        return None
+    from refrl.models.build import resolve_checkpoint
+
+    folder = resolve_checkpoint(init)
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        digest.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_same_init(info: dict[str, Any], fingerprint: str | None, init: str | None, run_dir: str | Path) -> None:
+    """Refuse to resume a run started from other initial weights than ``init`` holds now.
+
+    Checkpoints from before fingerprints existed (no ``init_sha256`` key) are trusted.
+    """
+    saved = info.get("init_sha256", fingerprint)
+    if saved != fingerprint:
+        raise RefrlError(
+            f"{run_dir} was started from different initial weights than model.init={init!r} holds now "
+            "(the checkpoint was retrained or replaced); choose another --out or delete that folder"
+        )

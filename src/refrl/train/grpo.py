@@ -42,6 +42,8 @@ from refrl.sampling.schedules import sigma_schedule
 from refrl.sampling.sde import sde_step
 from refrl.train.advantages import compute_advantages
 from refrl.train.checkpoint import (
+    check_same_init,
+    init_fingerprint,
     latest_checkpoint,
     load_checkpoint,
     load_trainable,
@@ -97,6 +99,7 @@ class GRPOTrainer:
         self.source = SampleSource(cfg.data, seed=cfg.seed, total_steps=cfg.iterations)
         self.rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
         self.weights = {r.name: r.weight for r in cfg.rewards}
+        self.init_sha = init_fingerprint(cfg.model.init)
         self.reference = None
         if cfg.beta_kl > 0:
             self.reference = self._make_reference()
@@ -108,16 +111,21 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ setup
     def _make_reference(self):
-        """KL reference: the same network with the adapter off, or a frozen copy."""
-        if self.cfg.kl_reference == "adapter":
+        """KL reference: the same network with the adapter off, or a frozen copy.
+
+        ``auto`` takes the adapter when the policy has one (no extra memory) and a
+        frozen copy of the initial weights for a full fine-tune.
+        """
+        if self.cfg.kl_reference in ("adapter", "auto"):
             try:
                 with self.policy.adapter_disabled():
                     pass
                 return "adapter"
             except NotImplementedError:
-                raise RefrlError(
-                    "kl_reference=adapter needs a LoRA policy (model.lora_rank>0); use kl_reference=copy"
-                ) from None
+                if self.cfg.kl_reference == "adapter":
+                    raise RefrlError(
+                        "kl_reference=adapter needs a LoRA policy (model.lora_rank>0); use kl_reference=copy or auto"
+                    ) from None
         ref = copy.deepcopy(self.policy)
         for p in ref.trainable_parameters():
             p.requires_grad_(False)
@@ -128,6 +136,7 @@ class GRPOTrainer:
         if last is None:
             raise RefrlError(f"--resume: no checkpoint under {self.ckpt_root}")
         trainer_state, ema_state, info = load_checkpoint(last)
+        check_same_init(info, self.init_sha, self.cfg.model.init, self.out_dir)
         load_trainable(self.named, last)
         self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
@@ -146,7 +155,7 @@ class GRPOTrainer:
                     self.policy.save_pretrained(p)
 
             path = save_checkpoint(self.ckpt_root, iteration, export, state, self.ema.state_dict(),
-                                   {"data_position": iteration, "kind": "grpo"}, trainable=dict(self.named),
+                                   {"data_position": iteration, "kind": "grpo", "init_sha256": self.init_sha}, trainable=dict(self.named),
                                    keep_last=self.cfg.keep_last)
         self.dist.barrier()
         return path

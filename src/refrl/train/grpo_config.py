@@ -41,7 +41,9 @@ class GRPOConfig(StrictModel):
     inner_epochs: int = Field(1, ge=1)
     clip_range: float = Field(1e-4, gt=0, description="PPO epsilon")
     beta_kl: float = Field(0.0, ge=0)
-    kl_reference: Literal["adapter", "copy"] = "adapter"
+    kl_reference: Literal["auto", "adapter", "copy"] = Field(
+        "auto", description="KL reference: the LoRA policy with its adapter off, or a frozen copy; auto picks adapter for LoRA"
+    )
     ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA of weights used for evaluation")
     on_policy_check: bool = True
     on_policy_tol: float = 1e-5

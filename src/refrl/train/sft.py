@@ -30,6 +30,8 @@ from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.models.build import ModelConfig, build_policy
 from refrl.train.checkpoint import (
+    check_same_init,
+    init_fingerprint,
     latest_checkpoint,
     load_checkpoint,
     load_trainable,
@@ -137,11 +139,13 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> Path
     source = SampleSource(cfg.data, seed=cfg.seed, total_steps=cfg.steps)
 
     start = 0
+    init_sha = init_fingerprint(cfg.model.init)
     if resume:
         last = latest_checkpoint(ckpt_root)
         if last is None:
             raise RefrlError(f"--resume: no checkpoint under {ckpt_root}")
         trainer_state, ema_state, info = load_checkpoint(last)
+        check_same_init(info, init_sha, cfg.model.init, out_dir)
         load_trainable(named, last)
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
@@ -159,7 +163,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> Path
                 policy.save_pretrained(path)
 
         return save_checkpoint(
-            ckpt_root, step, export, state, ema.state_dict(), {"data_position": step, "kind": "sft"},
+            ckpt_root, step, export, state, ema.state_dict(), {"data_position": step, "kind": "sft", "init_sha256": init_sha},
             trainable=dict(named), keep_last=cfg.keep_last,
         )
 
