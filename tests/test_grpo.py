@@ -65,6 +65,35 @@ def test_on_policy_ratio_is_one_and_training_changes_weights(tmp_path, tiny_poli
     assert any(changed)
 
 
+class Brightness:
+    """Mean pixel value: a reward any working policy-gradient step can climb."""
+
+    name, role = "brightness", "quality"
+
+    def __call__(self, images, samples):
+        from refrl.rewards.base import RewardOutput
+
+        return RewardOutput(images.mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, sign):
+    # The sign of the loss, the advantage and the log-prob gradient all have to be right
+    # for the reward to go up; a negative weight must push it down instead.
+    from refrl.rewards.registry import register
+
+    register("brightness", Brightness, "quality", overwrite=True)
+    cfg = grpo_cfg(
+        tiny_policy_dir, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "optim.lr=1e-2",
+        f"rewards=[{{name: brightness, weight: {sign}}}]", "advantage.kind=weighted", "checkpoint_every=8",
+        "data.max_refs=1",
+    )
+    run = tmp_path / "run"
+    train_grpo(cfg, run)
+    means = [r["reward/brightness"] for r in metrics(run)]
+    assert sign * (means[-1] - means[0]) > 0.1, means
+
+
 def test_on_policy_guard_stops_a_mismatched_run(tmp_path, tiny_policy_dir, monkeypatch):
     trainer = GRPOTrainer(grpo_cfg(tiny_policy_dir, "iterations=1"), tmp_path / "run")
     real = trainer.policy.velocity
