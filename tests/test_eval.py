@@ -34,6 +34,7 @@ from refrl.eval.suites import (
     META_FILE,
     SAMPLES_FILE,
     build_metrics,
+    build_suite,
     parse_metric_specs,
     parse_reward_options,
     refine_suite,
@@ -354,3 +355,21 @@ def test_eval_cli_runs_and_reports_errors_in_one_line(tmp_path, monkeypatch, cap
     assert _main(monkeypatch, [*argv[:4], "bogus", *argv[5:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: unknown suite 'bogus'; allowed: refworld, omniref, dreambench, refine")
+
+
+def test_refworld_split_and_level_choose_the_samples():
+    train = build_suite("refworld", n=4, seed=3, split="train", level=0)
+    test = build_suite("refworld", n=4, seed=3)
+    assert [it.sample.id.split("-")[0] for it in train.items] == ["train"] * 4
+    assert (train.params["split"], train.params["level"]) == ("train", 0)
+    assert (test.params["split"], test.params["level"]) == ("test", 2)
+    assert {it.sample.extra["level"] for it in train.items} == {0}
+    train_ids = {s["identity"] for it in train.items for s in it.sample.extra.get("subjects") or []}
+    test_ids = {s["identity"] for it in test.items for s in it.sample.extra.get("subjects") or []}
+    assert train_ids and test_ids and not train_ids & test_ids  # test identities are unseen
+    with pytest.raises(RefrlError, match="allowed: train, val, test"):
+        build_suite("refworld", n=2, split="dev")
+    with pytest.raises(RefrlError, match="level must be 0, 1 or 2"):
+        build_suite("refworld", n=2, level=3)
+    with pytest.raises(RefrlError, match="refworld suite only"):
+        build_suite("refine", n=2, split="train")

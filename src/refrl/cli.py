@@ -223,12 +223,15 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the samples (refworld) and of the noise.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per generation / scoring batch.")] = 16,
     force: Annotated[bool, typer.Option(help="Delete images generated with other settings and start over.")] = False,
+    split: Annotated[str | None, typer.Option(help="refworld: train | val | test (default test: unseen identities).")] = None,
+    level: Annotated[int | None, typer.Option(help="refworld: difficulty 0-2 (default 2).")] = None,
 ) -> None:
     """Generate (cached: an interrupted eval resumes) and score a suite; writes OUT/eval.json."""
     from refrl.eval.suites import eval_command
 
     res = eval_command(ckpt, suite, out, limit=limit, n=n, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size,
-                       data=data, root=root, rewards=rewards, reward_options=reward_option or [], force=force)
+                       data=data, root=root, rewards=rewards, reward_options=reward_option or [], force=force,
+                       split=split, level=level)
     overall = res["metrics"]["overall"]
     summary = ", ".join(f"{k} {v['mean']:.4g}" for k, v in overall.items() if isinstance(v, dict) and v["n"])
     typer.echo(f"{res['suite']}: {res['n_images']} images ({res['generated']} generated); {summary}")

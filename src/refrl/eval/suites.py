@@ -163,22 +163,30 @@ def _limited(n: int, limit: int | None) -> int:
 def refworld_suite(
     n: int = DEFAULT_N["refworld"], seed: int = 0, limit: int | None = None, size: int = DEFAULT_IMAGE_SIZE,
     level: int = REFWORLD_LEVEL, categories: Sequence[str] | None = None, name: str = "refworld",
-    metrics: Sequence[str] = REFWORLD_METRICS,
+    metrics: Sequence[str] = REFWORLD_METRICS, split: str = REFWORLD_SPLIT,
 ) -> Suite:
-    """RefWorld test split (unseen identities), sample i a pure function of ``(seed, i)``."""
-    from refrl.data.refworld import generate
+    """RefWorld test split (unseen identities), sample i a pure function of ``(seed, i)``.
 
+    ``split="train"`` scores on identities seen in training instead: the gap to the test
+    split separates what a run learned about its training subjects from what generalises.
+    """
+    from refrl.data.refworld import SPLITS, generate
+
+    if split not in SPLITS:
+        raise RefrlError(f"unknown RefWorld split {split!r}; allowed: {', '.join(SPLITS)}")
+    if level not in (0, 1, 2):
+        raise RefrlError(f"RefWorld level must be 0, 1 or 2, got {level}")
     n = _limited(n, limit)
-    samples = generate(n, seed, split=REFWORLD_SPLIT, size=size, categories=categories, level=level)
+    samples = generate(n, seed, split=split, size=size, categories=categories, level=level)
     return Suite(
         name=name,
         items=[EvalItem(s.id, s, i) for i, s in enumerate(samples)],
         metrics={m: m for m in metrics},
         size=(size, size),
-        params={"split": REFWORLD_SPLIT, "level": level, "categories": list(categories) if categories else None,
+        params={"split": split, "level": level, "categories": list(categories) if categories else None,
                 "data_seed": seed},
         n_samples=n,
-        protocol=f"RefWorld {REFWORLD_SPLIT} split (unseen identities), level {level}, one image per sample",
+        protocol=f"RefWorld {split} split{' (unseen identities)' if split == 'test' else ''}, level {level}, one image per sample",
     )
 
 
@@ -190,13 +198,18 @@ def refine_suite(n: int = DEFAULT_N["refine"], seed: int = 0, limit: int | None 
 
 def build_suite(name: str, *, seed: int = 0, n: int | None = None, limit: int | None = None,
                 size: int = DEFAULT_IMAGE_SIZE, data: str | os.PathLike | None = None,
-                root: str | os.PathLike | None = None) -> Suite:
-    """The suite called ``name`` (one of `SUITE_NAMES`); ``data``/``root`` locate omniref and dreambench data."""
+                root: str | os.PathLike | None = None, split: str | None = None, level: int | None = None) -> Suite:
+    """The suite called ``name`` (one of `SUITE_NAMES`); ``data``/``root`` locate omniref and dreambench data;
+    ``split``/``level`` choose the RefWorld split and difficulty (refworld only)."""
+    if name != "refworld" and (split is not None or level is not None):
+        raise RefrlError(f"--split/--level apply to the refworld suite only, not {name!r}")
     if name in ("refworld", "refine"):
         if data is not None:
             raise RefrlError(f"suite {name!r} is generated in memory; it takes no --data")
-        builder = refworld_suite if name == "refworld" else refine_suite
-        return builder(n or DEFAULT_N[name], seed, limit, size)
+        if name == "refine":
+            return refine_suite(n or DEFAULT_N[name], seed, limit, size)
+        return refworld_suite(n or DEFAULT_N[name], seed, limit, size, level=REFWORLD_LEVEL if level is None else level,
+                              split=split or REFWORLD_SPLIT)
     if name == "omniref":
         from refrl.eval.omniref import omniref_suite
 
@@ -385,6 +398,7 @@ def eval_command(
     seed: int = 0, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, shift: float = 1.0,
     batch_size: int = DEFAULT_BATCH_SIZE, data: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
     rewards: str | None = None, reward_options: Sequence[str] = (), size: int | None = None, force: bool = False,
+    split: str | None = None, level: int | None = None,
 ) -> dict[str, Any]:
     """``refrl eval``: load the checkpoint, build the suite and its metrics, run the eval."""
     from refrl.models.build import load_policy
@@ -394,7 +408,7 @@ def eval_command(
     if hasattr(policy, "eval"):  # nn.Module policies: no train-mode randomness while sampling
         policy.eval()
     suite = build_suite(suite_name, seed=seed, n=n, limit=limit, size=size or policy_image_size(policy),
-                        data=data, root=root)
+                        data=data, root=root, split=split, level=level)
     names = parse_metric_specs(rewards) if rewards else dict(suite.metrics)
     options = {m: dict(o) for m, o in suite.reward_options.items() if m in names}
     for metric, opts in parse_reward_options(reward_options, list(names)).items():
