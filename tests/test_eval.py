@@ -369,7 +369,7 @@ def test_refworld_split_and_level_choose_the_samples():
     assert train_ids and test_ids and not train_ids & test_ids  # test identities are unseen
     with pytest.raises(RefrlError, match="allowed: train, val, test"):
         build_suite("refworld", n=2, split="dev")
-    with pytest.raises(RefrlError, match="level must be 0, 1 or 2"):
+    with pytest.raises(RefrlError, match="unknown RefWorld level 3; allowed: 0, 1, 2"):
         build_suite("refworld", n=2, level=3)
     with pytest.raises(RefrlError, match="refworld suite only"):
         build_suite("refine", n=2, split="train")

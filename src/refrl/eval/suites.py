@@ -170,12 +170,8 @@ def refworld_suite(
     ``split="train"`` scores on identities seen in training instead: the gap to the test
     split separates what a run learned about its training subjects from what generalises.
     """
-    from refrl.data.refworld import SPLITS, generate
+    from refrl.data.refworld import generate
 
-    if split not in SPLITS:
-        raise RefrlError(f"unknown RefWorld split {split!r}; allowed: {', '.join(SPLITS)}")
-    if level not in (0, 1, 2):
-        raise RefrlError(f"RefWorld level must be 0, 1 or 2, got {level}")
     n = _limited(n, limit)
     samples = generate(n, seed, split=split, size=size, categories=categories, level=level)
     return Suite(
@@ -208,8 +204,8 @@ def build_suite(name: str, *, seed: int = 0, n: int | None = None, limit: int | 
             raise RefrlError(f"suite {name!r} is generated in memory; it takes no --data")
         if name == "refine":
             return refine_suite(n or DEFAULT_N[name], seed, limit, size)
-        return refworld_suite(n or DEFAULT_N[name], seed, limit, size, level=REFWORLD_LEVEL if level is None else level,
-                              split=split or REFWORLD_SPLIT)
+        chosen = {k: v for k, v in (("split", split), ("level", level)) if v is not None}
+        return refworld_suite(n or DEFAULT_N[name], seed, limit, size, **chosen)
     if name == "omniref":
         from refrl.eval.omniref import omniref_suite
 
