@@ -42,14 +42,11 @@ from refrl.sampling.schedules import sigma_schedule
 from refrl.sampling.sde import sde_step
 from refrl.train.advantages import compute_advantages
 from refrl.train.checkpoint import (
-    check_same_init,
     init_fingerprint,
     latest_checkpoint,
-    load_checkpoint,
-    load_trainable,
+    resume_training,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from refrl.train.data import SampleSource
 from refrl.train.distributed import Dist
@@ -132,18 +129,8 @@ class GRPOTrainer:
         return ref
 
     def _resume(self) -> None:
-        last = latest_checkpoint(self.ckpt_root)
-        if last is None:
-            raise RefrlError(f"--resume: no checkpoint under {self.ckpt_root}")
-        trainer_state, ema_state, info = load_checkpoint(last)
-        check_same_init(info, self.init_sha, self.cfg.model.init, self.out_dir)
-        load_trainable(self.named, last)
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
-        set_rng_state(trainer_state["rng"])
-        if ema_state is not None:
-            self.ema.load_state_dict(ema_state)
-        self.start = int(info["step"])
+        self.start = resume_training(self.ckpt_root, self.named, self.optimizer, self.scheduler, self.ema,
+                                     self.init_sha, self.cfg.model.init, self.out_dir)
 
     def checkpoint(self, iteration: int) -> Path | None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -30,14 +30,11 @@ from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.models.build import ModelConfig, build_policy
 from refrl.train.checkpoint import (
-    check_same_init,
     init_fingerprint,
     latest_checkpoint,
-    load_checkpoint,
-    load_trainable,
+    resume_training,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from refrl.train.data import DataConfig, SampleSource
 from refrl.train.ema import EMA
@@ -141,18 +138,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> Path
     start = 0
     init_sha = init_fingerprint(cfg.model.init)
     if resume:
-        last = latest_checkpoint(ckpt_root)
-        if last is None:
-            raise RefrlError(f"--resume: no checkpoint under {ckpt_root}")
-        trainer_state, ema_state, info = load_checkpoint(last)
-        check_same_init(info, init_sha, cfg.model.init, out_dir)
-        load_trainable(named, last)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        set_rng_state(trainer_state["rng"])
-        if ema_state is not None:
-            ema.load_state_dict(ema_state)
-        start = int(info["step"])
+        start = resume_training(ckpt_root, named, optimizer, scheduler, ema, init_sha, cfg.model.init, out_dir)
     metrics = MetricsWriter(out_dir / "metrics.jsonl", truncate_after_step=start if resume else None)
 
     def checkpoint(step: int) -> Path:
