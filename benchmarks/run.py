@@ -26,7 +26,7 @@ from refrl.models.tiny_dit_policy import TinyDiTPolicy
 from refrl.models.tokenizer import WordTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from training import grpo_section, quickstart_section, train_section  # noqa: E402
+from training import grpo_section, grpo_signal_section, quickstart_section, train_section  # noqa: E402
 
 MATMUL_SIZES = (1024, 2048)
 ROLLOUT_N_REFS = (1, 3, 5, 7)
@@ -247,6 +247,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "rollout": rollout_section,
     "train": train_section,
     "grpo": grpo_section,
+    "grpo_signal": grpo_signal_section,
     "reward": reward_section,
     "quickstart": quickstart_section,
 }
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tiny-dit", nargs="+", default=[], metavar="KEY=INT", help="TinyDiTConfig overrides for design studies, e.g. ref_patch=4"
     )
+    parser.add_argument("--config", help="grpo_signal: GRPO config YAML (default configs/tiny-cpu-grpo.yaml)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="grpo_signal: config overrides")
+    parser.add_argument("--signal-iterations", type=int, default=3, help="grpo_signal: iterations to average over")
     args = parser.parse_args(argv)
     args.tiny_dit = dict(_int_override(kv) for kv in args.tiny_dit)
     args.mode = "quick" if args.quick else "full"

@@ -81,6 +81,23 @@ def grpo_section(args: argparse.Namespace) -> dict[str, Any]:
             "rollout_steps": cfg.sampling.steps, **{k.split("/")[-1]: round(last[k], 3) for k in keys}}
 
 
+def grpo_signal_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Signal-to-noise of a GRPO config before training (``refrl.train.signal``): the cosine between the
+    gradients of two independent half-batches and the share of within-group reward variance the
+    trained SDE steps cause. ``--config`` picks the config (default configs/tiny-cpu-grpo.yaml),
+    ``--set KEY=VALUE`` overrides it."""
+    from refrl.config import load_config
+    from refrl.train.grpo import GRPOTrainer
+    from refrl.train.grpo_config import GRPOConfig
+    from refrl.train.signal import measure_signal
+
+    cfg = load_config(GRPOConfig, args.config or REPO / "configs/tiny-cpu-grpo.yaml", list(args.set))
+    iterations = 1 if args.mode == "quick" else args.signal_iterations
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure_signal(GRPOTrainer(cfg, tmp), iterations=iterations)
+    return {"config": str(args.config or "configs/tiny-cpu-grpo.yaml"), "overrides": list(args.set), **result}
+
+
 def quickstart_section(args: argparse.Namespace) -> dict[str, Any]:
     """Wall seconds and peak RSS of ``refrl quickstart`` in a fresh folder (full mode only)."""
     if args.mode == "quick":

@@ -219,3 +219,64 @@ def test_missing_tracker_package_is_a_clear_error(tmp_path, tiny_policy_dir, mon
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(RefrlError, match=r"refrl\[trackers\]"):
         GRPOTrainer(grpo_cfg(tiny_policy_dir, "trackers=[tensorboard]"), tmp_path / "run")
+
+
+def test_gradient_accumulation_over_the_iteration_equals_one_minibatch(tmp_path, tiny_policy_dir):
+    """Summing the gradients of 4 minibatches (each averaged, then /4) is the one-minibatch step."""
+    one = tmp_path / "one"
+    acc = tmp_path / "acc"
+    train_grpo(grpo_cfg(tiny_policy_dir, "iterations=1", "minibatch_size=8"), one)
+    train_grpo(grpo_cfg(tiny_policy_dir, "iterations=1", "minibatch_size=2", "gradient_accumulation=iteration"), acc)
+    wa = load_file(str(one / "checkpoints/step-1/trainable.safetensors"))
+    wb = load_file(str(acc / "checkpoints/step-1/trainable.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    assert metrics(acc)[0]["ratio_first"] <= 1e-5
+
+
+def test_window_max_start_keeps_the_trained_window_early(tmp_path, tiny_policy_dir):
+    from refrl.sampling.rollout import choose_sde_steps
+
+    starts = {choose_sde_steps("window", 10, torch.Generator().manual_seed(k), 2, "random", 0, 4, 2)[0] for k in range(200)}
+    assert starts == {0, 1, 2}
+    cfg = grpo_cfg(tiny_policy_dir, "iterations=2", "sampling.sde_steps=window", "sampling.window=1",
+                   "sampling.window_max_start=1", "checkpoint_every=2")
+    train_grpo(cfg, tmp_path / "run")
+    assert all(r["sde_steps"][0] <= 1 for r in metrics(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sampling.window_max_start=9", "window_max_start"),
+    ("sampling.window_max_start=-1", "window_max_start"),
+    ("gradient_accumulation=3", "gradient_accumulation"),
+    ("gradient_accumulation=0", "gradient_accumulation"),
+    ("gradient_accumulation=epoch", "gradient_accumulation"),
+])
+def test_bad_signal_options_are_one_line_errors(tmp_path, override, key):
+    """Through the installed command: exit 2, one `error:` line naming the key, no traceback."""
+    res = subprocess.run([sys.executable, "-m", "refrl", "grpo", "--config", "configs/tiny-cpu-grpo.yaml",
+                          "--out", str(tmp_path / "run"), override], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and key in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_signal_check_pure_parts_and_a_run(tmp_path, tiny_policy_dir):
+    from refrl.train.signal import cosine, measure_signal, trained_step_share, within_group_variance
+
+    assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(2**-0.5)
+    assert cosine(torch.zeros(2), torch.ones(2)) == 0.0
+    # groups [1, 3] and [0, 4]: variances 1 and 4 -> 2.5
+    scores = torch.tensor([1.0, 3.0, 0.0, 4.0])
+    assert within_group_variance(scores, 2) == pytest.approx(2.5)
+    # re-rolled differences 1, 1, 2, 0 -> mean of (d^2 / 2) = (0.5 + 0.5 + 2 + 0) / 4 = 0.75; / 2.5 = 0.3
+    again = torch.tensor([2.0, 2.0, 2.0, 4.0])
+    assert trained_step_share(scores, again, 2) == pytest.approx(0.3)
+    cfg = grpo_cfg(tiny_policy_dir, "iterations=1", "sampling.same_noise_in_group=true",
+                   "sampling.sde_steps=random_one", "sampling.first_m=2")
+    out = measure_signal(GRPOTrainer(cfg, tmp_path / "run"), iterations=1)
+    assert -1.0 <= out["gradient_cosine"] <= 1.0 and out["gradient_cosine"] != 0.0
+    assert set(out["trained_step_variance_share"]) == {"identity", "layout", "fidelity"}
+    assert not (tmp_path / "run" / "checkpoints").exists()  # a check trains nothing

@@ -223,7 +223,8 @@ def test_target_scores_near_the_top_and_noise_low(scored, name):
     noise = scored["noise"][name].scores
     ok = ~torch.isnan(target)
     assert ok.sum() >= 8
-    floor = {"identity": 0.7, "layout": 0.85}.get(name, 0.95)  # detectors meet re-rendered subjects
+    # detectors meet re-rendered subjects; layout matches a blurred image against sharp templates
+    floor = {"identity": 0.7, "layout": 0.8}.get(name, 0.95)
     assert target[ok].mean() >= floor
     assert noise[ok].mean() <= 0.25
     assert (target[ok] > noise[ok]).float().mean() >= 0.95
@@ -249,16 +250,64 @@ def test_moved_subject_loses_layout_but_keeps_identity(plain):
     assert lay_m[single].max() <= 0.2  # the only subject is elsewhere: no layout left
 
 
-def test_wrong_subject_loses_identity_but_keeps_layout(plain):
+def test_wrong_subject_loses_identity_and_most_of_layout(plain):
+    """Layout needs identity evidence in the box: another subject there earns only what its resemblance does."""
     identity, layout = build("identity"), build("layout")
     target = torch.stack([s.target for s in plain])
     swapped = torch.stack([wrong_subject(s) for s in plain])
+    blank_images = torch.stack([blank(s) for s in plain])
     id_t, id_w = identity(target, plain).scores, identity(swapped, plain).scores
     lay_t, lay_w = layout(target, plain).scores, layout(swapped, plain).scores
     single = torch.tensor([len(s.extra["subjects"]) == 1 for s in plain])
     assert (id_t - id_w)[single].mean() >= 0.35
     assert (id_w < id_t).float().mean() >= 0.9
-    assert lay_w.mean() >= 0.8 * lay_t.mean()
+    assert (lay_w < lay_t).float().mean() >= 0.9
+    assert lay_w[single].mean() <= 0.5 * lay_t[single].mean()
+    assert lay_w.mean() >= layout(blank_images, plain).scores.mean()  # the other subjects still count
+
+
+def high_contrast_blocks(s: LoadedSample, value: float) -> torch.Tensor:
+    """The hack GRPO found in the first session: solid white or black blocks filling each instructed box."""
+    image = blank(s)
+    for sub in s.extra["subjects"]:
+        x0, y0, x1, y1 = (int(round(v)) for v in sub["box"])
+        image[:, y0:y1, x0:x1] = value
+    return image
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_layout_gives_high_contrast_blocks_almost_nothing(world, value):
+    layout = build("layout")
+    subjects = [s for s in world if s.extra.get("subjects") and all(sub.get("box") for sub in s.extra["subjects"])]
+    blocks = layout(torch.stack([high_contrast_blocks(s, value) for s in subjects]), subjects).scores
+    target = layout(torch.stack([s.target for s in subjects]), subjects).scores
+    ok = ~torch.isnan(target)
+    assert ok.sum() >= 8
+    assert blocks[ok].mean() <= 0.1  # the session-1 layout reward gave them 0.77-0.79
+    assert (blocks[ok] < target[ok]).float().mean() >= 0.95
+
+
+@pytest.fixture(scope="module")
+def tiny_sft_images(world) -> torch.Tensor:
+    """What the shipped SFT model draws for the level-2 world (soft blobs: where pixel noise used to matter)."""
+    from refrl.models.build import load_policy
+    from refrl.sampling.rollout import sample_ode
+
+    policy = load_policy("tiny-sft")
+    policy.eval()
+    return sample_ode(policy, world, steps=10, cfg_scale=2.0, seed=0)
+
+
+@pytest.mark.parametrize("name", ["layout", "identity"])
+def test_identity_and_layout_move_little_under_pixel_noise(world, tiny_sft_images, name):
+    """0.03 Gaussian pixel noise moves each sample's score by at most 0.02 on average (issue 13's bound)."""
+    reward = build(name)
+    clean = torch.stack([s.target for s in world])
+    for images in (clean, tiny_sft_images):
+        noisy = (images + 0.03 * torch.randn(images.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+        before, after = reward(images, world).scores, reward(noisy, world).scores
+        ok = ~torch.isnan(before)
+        assert (after[ok] - before[ok]).abs().mean() <= 0.02
 
 
 def test_extras_per_subject(plain):

@@ -148,7 +148,12 @@ class GRPOTrainer:
         return path
 
     # ------------------------------------------------------------------ one iteration
-    def rollout(self, it: int) -> dict[str, Any]:
+    def rollout(self, it: int, step_noise_stream: int = 2) -> dict[str, Any]:
+        """Roll out iteration ``it``'s groups and score them.
+
+        ``step_noise_stream`` names the random stream of the SDE steps' noise; another
+        value re-rolls the same starting noise with new SDE noise (``train.signal``).
+        """
         cfg, sc = self.cfg, self.cfg.sampling
         g_size, n_groups = cfg.group_size, cfg.groups_per_iteration
         groups = self.source.batch(it, n_groups)
@@ -158,7 +163,7 @@ class GRPOTrainer:
         global_index = [g * g_size + k for g in local_groups for k in range(g_size)]
         sigmas = sigma_schedule(sc.steps, shift=sc.shift)
         sde_steps = choose_sde_steps(sc.sde_steps, sc.steps, seeded_generator(cfg.seed, it, 7), sc.window,
-                                     sc.window_start, it, sc.first_m)
+                                     sc.window_start, it, sc.first_m, sc.window_max_start)
         size = groups[0].target.shape[-2:] if groups[0].target is not None else (32, 32)
         shape = self.policy.latent_shape(*size)
         x0 = torch.stack([
@@ -166,7 +171,7 @@ class GRPOTrainer:
             for i in global_index
         ])
         step_noise = torch.stack([
-            torch.stack([torch.randn(shape, generator=seeded_generator(cfg.seed, it, 2, i, j)) for i in global_index])
+            torch.stack([torch.randn(shape, generator=seeded_generator(cfg.seed, it, step_noise_stream, i, j)) for i in global_index])
             for j in range(len(sde_steps))
         ]) if sde_steps else torch.zeros(0)
         with torch.no_grad():
@@ -207,46 +212,61 @@ class GRPOTrainer:
             return self.policy, self.policy.adapter_disabled()
         return self.reference, nullcontext()
 
+    def minibatch_loss(self, ro: dict[str, Any], idx: torch.Tensor, mb_samples: list, adv: torch.Tensor,
+                       loss_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, list[float]]]:
+        """PPO-clip loss (+ beta * KL) of the rollout samples ``idx``, averaged over their SDE steps.
+
+        Returns the loss (with gradients), the PPO ratios (detached) and per-step stats.
+        """
+        cfg = self.cfg
+        sde_steps, sigmas = ro["sde_steps"], ro["sigmas"]
+        stats: dict[str, list[float]] = {"kl": [], "clipfrac": []}
+        total = torch.zeros(())
+        ratios = []
+        # the condition is encoded once per minibatch (with gradients) and shared by its steps
+        conds = encode_for_guidance(self.policy, mb_samples, cfg.sampling.cfg_scale)
+        ref_conds = None
+        if self.reference is not None:
+            ref_policy, ctx = self._as_reference()
+            with torch.no_grad(), ctx:
+                ref_conds = encode_for_guidance(ref_policy, mb_samples, cfg.sampling.cfg_scale)
+        for j, t in enumerate(sde_steps):
+            s, s_next = float(sigmas[t]), float(sigmas[t + 1])
+            x, x_next = ro["latents"][idx, j], ro["next_latents"][idx, j]
+            logp, mean, std = self._log_prob(self.policy, conds, x, x_next, s, s_next)
+            loss, st = ppo_clip_loss(logp, ro["log_probs"][idx, j], adv[idx, j], cfg.clip_range,
+                                     weights=loss_weights[idx])
+            ratios.append(torch.exp(logp.detach() - ro["log_probs"][idx, j]))
+            if ref_conds is not None:
+                ref_policy, ctx = self._as_reference()
+                with torch.no_grad(), ctx:
+                    _, mean_ref, _ = self._log_prob(ref_policy, ref_conds, x, x_next, s, s_next)
+                kl = gaussian_mean_kl(mean, mean_ref, std).mean()
+                loss = loss + cfg.beta_kl * kl
+                stats["kl"].append(float(kl.detach()))
+            total = total + loss / len(sde_steps)
+            stats["clipfrac"].append(float(st["clipfrac"]))
+        return total, torch.cat(ratios), stats
+
     def train_on(self, it: int, ro: dict[str, Any], adv, loss_weights) -> dict[str, float]:
         cfg = self.cfg
         n = cfg.groups_per_iteration * cfg.group_size
         samples = [s for s in ro["groups"] for _ in range(cfg.group_size)]
         mb, local_mb = cfg.minibatch_size, cfg.minibatch_size // self.dist.world
-        sde_steps, sigmas = ro["sde_steps"], ro["sigmas"]
+        n_mb = n // mb
+        accumulate = n_mb if cfg.gradient_accumulation == "iteration" else cfg.gradient_accumulation
         stats = {"loss": [], "kl": [], "ratio_mean": [], "ratio_max": [], "clipfrac": []}
         ratio_first = float("nan")
         for epoch in range(cfg.inner_epochs):
             perm = torch.randperm(n, generator=seeded_generator(cfg.seed, it, 3, epoch))
-            for m in range(n // mb):
+            for m in range(n_mb):
                 idx = perm[m * mb : (m + 1) * mb][self.dist.rank * local_mb : (self.dist.rank + 1) * local_mb]
                 mb_samples = [samples[int(i)] for i in idx]
-                self.optimizer.zero_grad(set_to_none=True)
-                total = torch.zeros(())
-                ratios = []
-                # the condition is encoded once per minibatch (with gradients) and shared by its steps
-                conds = encode_for_guidance(self.policy, mb_samples, cfg.sampling.cfg_scale)
-                ref_conds = None
-                if self.reference is not None:
-                    ref_policy, ctx = self._as_reference()
-                    with torch.no_grad(), ctx:
-                        ref_conds = encode_for_guidance(ref_policy, mb_samples, cfg.sampling.cfg_scale)
-                for j, t in enumerate(sde_steps):
-                    s, s_next = float(sigmas[t]), float(sigmas[t + 1])
-                    x, x_next = ro["latents"][idx, j], ro["next_latents"][idx, j]
-                    logp, mean, std = self._log_prob(self.policy, conds, x, x_next, s, s_next)
-                    loss, st = ppo_clip_loss(logp, ro["log_probs"][idx, j], adv[idx, j], cfg.clip_range,
-                                             weights=loss_weights[idx])
-                    ratios.append(torch.exp(logp.detach() - ro["log_probs"][idx, j]))
-                    if ref_conds is not None:
-                        ref_policy, ctx = self._as_reference()
-                        with torch.no_grad(), ctx:
-                            _, mean_ref, _ = self._log_prob(ref_policy, ref_conds, x, x_next, s, s_next)
-                        kl = gaussian_mean_kl(mean, mean_ref, std).mean()
-                        loss = loss + cfg.beta_kl * kl
-                        stats["kl"].append(float(kl.detach()))
-                    total = total + loss / len(sde_steps)
-                    stats["clipfrac"].append(float(st["clipfrac"]))
-                r = torch.cat(ratios)
+                if m % accumulate == 0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                total, r, mb_stats = self.minibatch_loss(ro, idx, mb_samples, adv, loss_weights)
+                for k, v in mb_stats.items():
+                    stats[k].extend(v)
                 if epoch == 0 and m == 0:
                     ratio_first = self.dist.max_across(float((r - 1).abs().max()))
                     if cfg.on_policy_check and ratio_first > cfg.on_policy_tol:
@@ -254,11 +274,13 @@ class GRPOTrainer:
                             f"on-policy check failed at iteration {it + 1}: max |ratio - 1| = {ratio_first:.3e} "
                             f"> {cfg.on_policy_tol:g}; {ON_POLICY_HELP}"
                         )
-                total.backward()
-                self.dist.average_gradients(self.params)
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-                self.optimizer.step()
-                self.ema.update()
+                # averaged over the accumulated minibatches, so the step size does not grow with accumulation
+                (total / accumulate).backward()
+                if (m + 1) % accumulate == 0:
+                    self.dist.average_gradients(self.params)
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+                    self.optimizer.step()
+                    self.ema.update()
                 stats["loss"].append(float(total.detach()))
                 stats["ratio_mean"].append(float(r.mean()))
                 stats["ratio_max"].append(float(r.max()))

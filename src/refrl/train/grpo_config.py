@@ -28,8 +28,23 @@ class SamplingConfig(StrictModel):
     sde_steps: Literal["all", "window", "random_one"] = "all"
     window: int = Field(2, ge=1, description="sde_steps=window: number of consecutive SDE steps")
     window_start: Literal["random", "scheduled"] = "random"
+    window_max_start: int | None = Field(
+        None, ge=0, description="sde_steps=window: the window starts at step <= this (early, high-noise steps); "
+        "None = anywhere in the trajectory",
+    )
     first_m: int = Field(4, ge=1, description="sde_steps=random_one: pick among the first m steps (DyRef)")
-    same_noise_in_group: bool = False
+    same_noise_in_group: bool = Field(
+        False, description="one starting noise per group, so reward differences within a group come from the trained SDE steps"
+    )
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> SamplingConfig:
+        if self.window_max_start is not None and self.window_max_start > self.steps - 2:
+            raise ValueError(
+                f"sampling.window_max_start ({self.window_max_start}) must be in [0, steps - 2] = [0, {self.steps - 2}]: "
+                "the last step is never stochastic"
+            )
+        return self
 
 
 class GRPOConfig(StrictModel):
@@ -37,7 +52,11 @@ class GRPOConfig(StrictModel):
     iterations: int = Field(40, ge=1)
     groups_per_iteration: int = Field(8, ge=1, description="prompts per iteration (global, all processes)")
     group_size: int = Field(8, ge=2, description="G samples per prompt")
-    minibatch_size: int = Field(32, ge=1, description="samples per optimizer step (global)")
+    minibatch_size: int = Field(32, ge=1, description="samples per forward/backward pass (global)")
+    gradient_accumulation: int | Literal["iteration"] = Field(
+        1, description="minibatches whose gradients are summed into one optimizer step; 'iteration' = all of an "
+        "inner epoch, so one step sees every rollout of the iteration",
+    )
     inner_epochs: int = Field(1, ge=1)
     clip_range: float = Field(1e-4, gt=0, description="PPO epsilon")
     beta_kl: float = Field(0.0, ge=0)
@@ -65,6 +84,13 @@ class GRPOConfig(StrictModel):
             raise ValueError(
                 f"minibatch_size ({self.minibatch_size}) must divide groups_per_iteration*group_size ({n})"
             )
+        if isinstance(self.gradient_accumulation, int):
+            n_mb = n // self.minibatch_size
+            if self.gradient_accumulation < 1 or n_mb % self.gradient_accumulation:
+                raise ValueError(
+                    f"gradient_accumulation ({self.gradient_accumulation}) must be 'iteration' or a positive divisor "
+                    f"of the minibatches per epoch ({n_mb})"
+                )
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards: each reward once, got {names}")
