@@ -180,6 +180,25 @@ def generate_cmd(
     typer.echo(f"wrote {len(paths)} images and {out / 'grid.png'}")
 
 
+@app.command("compare")
+def compare_cmd(
+    ckpt: Annotated[list[str], typer.Option(help="Checkpoints, in column order (repeat: --ckpt tiny-sft --ckpt runs/grpo).")],
+    out: Annotated[Path, typer.Option(help="Output PNG.")],
+    label: Annotated[list[str] | None, typer.Option(help="Column titles, one per --ckpt (default: folder names).")] = None,
+    n: Annotated[int, typer.Option(help="Samples (rows).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the samples and of the noise (as refrl eval).")] = 0,
+    split: Annotated[str, typer.Option(help="RefWorld split (test: unseen subjects).")] = "test",
+    level: Annotated[int, typer.Option(help="RefWorld difficulty 0-2.")] = 2,
+    steps: Annotated[int, typer.Option(help="ODE steps.")] = 20,
+    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 2.0,
+) -> None:
+    """The same RefWorld samples and noise drawn by each checkpoint, side by side (before/after RL)."""
+    from refrl.eval.compare import compare_grid
+
+    path = compare_grid(ckpt, out, labels=label, n=n, seed=seed, split=split, level=level, steps=steps, cfg_scale=cfg)
+    typer.echo(f"wrote {path}")
+
+
 # --------------------------------------------------------------------------- quickstart
 
 
