@@ -225,7 +225,8 @@ class RemoteReward:
             except (urllib.error.URLError, OSError) as exc:  # refused, reset, DNS, time-out
                 reason = getattr(exc, "reason", exc)
                 last, busy = ("timed out" if isinstance(reason, TimeoutError) else str(reason)), False
-        hint = ("the server's queue stays full: give it a larger --max-queue, or this reward more retries/backoff"
+        hint = ("the server stays busy: start it with a larger --max-queue (or --max-connections), or give this "
+                "reward more retries/backoff"
                 if busy else
                 f"is `refrl serve-reward {self.remote_name} --port P` running there? (options: url, timeout, retries)")
         raise RefrlError(f"reward {self.name!r}: {url} failed after {self.retries + 1} tries ({last}); {hint}")

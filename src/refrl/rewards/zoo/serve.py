@@ -48,7 +48,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.rewards.zoo.remote import PROTOCOL, decode_request, image_sizes, read_header, to_json_list
+from refrl.rewards.zoo.remote import (
+    PROTOCOL,
+    decode_request,
+    image_sizes,
+    read_header,
+    to_json_list,
+)
 
 MIB = 2**20
 ENDPOINTS = "endpoints: GET /info, POST /score"
@@ -71,7 +77,8 @@ class ServerLimits:
             value = getattr(self, f.name)
             if not (math.isfinite(value) and value > 0):
                 option = "--max-body-mb" if f.name == "max_body_bytes" else "--" + f.name.replace("_", "-")
-                raise RefrlError(f"serve-reward: {option} must be a number > 0, got {value}")
+                unit = " bytes" if f.name == "max_body_bytes" else ""
+                raise RefrlError(f"serve-reward: {option} must be a number > 0, got {value}{unit}")
 
     def describe(self) -> str:
         return (f"limits: body {self.max_body_bytes / MIB:g} MiB, {self.max_pixels} pixels per image, batches of "
@@ -263,7 +270,10 @@ class RewardServer:
                                    "(refrl serve-reward --read-timeout)") from None
             except ClientDisconnect:
                 raise _Reject(400, "the client disconnected while sending the body") from None
-            images, samples = await self._decode(b"".join(chunks))
+            body = b"".join(chunks)
+            chunks.clear()
+            images, samples = await self._decode(body)
+            del body  # a waiting request holds its tensors only
             job = _Job(images, samples, asyncio.get_running_loop().create_future())
             self._pending.append(job)
             self._wake.set()
