@@ -209,11 +209,12 @@ def serve_reward_cmd(
     read_timeout: Annotated[float, typer.Option(help="Seconds to receive one request's body (408 beyond).")] = 60.0,
 ) -> None:
     """Serve a reward over HTTP for `remote:NAME` rewards in training configs."""
+    from refrl.errors import RefrlError
     from refrl.rewards.zoo.remote import parse_options
     from refrl.rewards.zoo.serve import ServerLimits, serve_reward
 
     if not 0 < max_body_mb < 2**40:  # NaN and inf fail too, before int() would raise
-        fail(f"serve-reward: --max-body-mb must be a number > 0, got {max_body_mb}")
+        raise RefrlError(f"serve-reward: --max-body-mb must be a number > 0, got {max_body_mb}")
     limits = ServerLimits(max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels, max_batch=max_batch,
                           max_queue=max_queue, max_connections=max_connections, idle_timeout=idle_timeout,
                           read_timeout=read_timeout)
