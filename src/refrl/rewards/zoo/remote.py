@@ -20,7 +20,7 @@ Wire protocol (version 1):
 * The answer is JSON ``{"scores": [...], "extras": {...}, "encoder_calls": n}``.
   JSON has no NaN or infinity: every non-finite score or extra (NaN, +inf, -inf)
   is ``null``, which the client reads back as NaN, a missing reward (the trainer
-  then applies ``advantages.nan_rule``). Errors are JSON ``{"error": "..."}`` with
+  then applies ``advantage.nan_rule``). Errors are JSON ``{"error": "..."}`` with
   status 400 (malformed request), 408 (body not received in time), 413 (body or
   an image over the server's limits), 503 (queue full; ``Retry-After``) or 500
   (the reward failed).
