@@ -1,4 +1,7 @@
-"""Remote rewards: a real HTTP server on 127.0.0.1, the client's batching, retries, time-outs and errors."""
+"""Remote rewards: a real HTTP server on 127.0.0.1, the client's batching, retries, time-outs and errors.
+
+The server's limits, batching and load test are in test_reward_server.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.rewards.base import RewardOutput
 from refrl.rewards.zoo import build_zoo
-from refrl.rewards.zoo.remote import RemoteReward, RewardServer, decode_request, encode_request
+from refrl.rewards.zoo.remote import RemoteReward, decode_request, encode_request
+from refrl.rewards.zoo.serve import RewardServer
 from refrl.rewards.zoo.tiny import save_tiny
 
 
@@ -63,15 +66,13 @@ def serve():
     servers = []
 
     def start(reward) -> RewardServer:
-        server = RewardServer(reward, "127.0.0.1", 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = RewardServer(reward, "127.0.0.1", 0).start()
         servers.append(server)
         return server
 
     yield start
     for s in servers:
-        s.shutdown()
-        s.server_close()
+        s.stop()
 
 
 def _free_port() -> int:

@@ -219,11 +219,26 @@ def serve_reward_cmd(
     options: Annotated[list[str] | None, typer.Argument(help="Reward options key=value, e.g. checkpoint=/models/dino device=cuda")] = None,
     port: Annotated[int, typer.Option(help="TCP port (0 = any free port, printed at start).")] = 8500,
     host: Annotated[str, typer.Option(help="Listen address: 127.0.0.1 (this machine only) or this host's cluster-network address.")] = "127.0.0.1",
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB (413 beyond; clients split their requests to fit).")] = 64.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest image (and reference, target, mask) in pixels, height x width (413 beyond).")] = 1024 * 1024,
+    max_batch: Annotated[int, typer.Option(help="Images per call of the reward; waiting requests of one image size are joined up to this.")] = 64,
+    max_queue: Annotated[int, typer.Option(help="Requests held at once (received, waiting or scored); one more gets 503.")] = 16,
+    max_connections: Annotated[int, typer.Option(help="Open connections; one more request gets 503.")] = 64,
+    idle_timeout: Annotated[float, typer.Option(help="Seconds a connection may stay open without a complete request.")] = 5.0,
+    read_timeout: Annotated[float, typer.Option(help="Seconds to receive one request's body (408 beyond).")] = 60.0,
 ) -> None:
     """Serve a reward over HTTP for `remote:NAME` rewards in training configs."""
-    from refrl.rewards.zoo.remote import parse_options, serve_reward
+    from refrl.errors import RefrlError
+    from refrl.rewards.zoo.remote import parse_options
+    from refrl.rewards.zoo.serve import ServerLimits, serve_reward
 
-    serve_reward(name, parse_options(options or []), host=host, port=port, announce=lambda m: typer.echo(m))
+    if not 0 < max_body_mb < 2**40:  # NaN and inf fail too, before int() would raise
+        raise RefrlError(f"serve-reward: --max-body-mb must be a number > 0, got {max_body_mb}")
+    limits = ServerLimits(max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels, max_batch=max_batch,
+                          max_queue=max_queue, max_connections=max_connections, idle_timeout=idle_timeout,
+                          read_timeout=read_timeout)
+    serve_reward(name, parse_options(options or []), host=host, port=port, limits=limits,
+                 announce=lambda m: typer.echo(m))
 
 
 @app.command("eval")

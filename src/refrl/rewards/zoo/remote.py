@@ -1,13 +1,15 @@
-"""Remote rewards: serve any reward over HTTP, and call it from a training run.
+"""Remote rewards: the wire protocol and the client of ``refrl serve-reward``.
 
 Why: a reward whose package pins old libraries (``hpsv3`` needs transformers
 4.45) runs in its own environment or on its own GPU, behind
-``refrl serve-reward NAME --port P``; the trainer names it ``remote:NAME`` with
-``options: {url: http://host:P}``.
+``refrl serve-reward NAME --port P`` (the server is in ``serve.py``); the trainer
+names it ``remote:NAME`` with ``options: {url: http://host:P}``.
 
-Wire protocol (version 1), standard library only on both sides:
+Wire protocol (version 1):
 
-* ``GET /info`` -> JSON ``{"name", "role", "needs", "protocol"}``.
+* ``GET /info`` -> JSON ``{"name", "role", "needs", "protocol", "limits"}``;
+  ``limits`` (added without a version change; older servers lack it) holds the
+  server's ``max_body_bytes``, ``max_pixels``, ``max_batch`` and ``max_queue``.
 * ``POST /score`` with a safetensors body: ``images`` (B,3,H,W) in [0,1] plus, per
   distinct sample ``j`` of the batch, ``s{j}.ref{i}``, ``s{j}.target``, ``s{j}.mask``
   and tensor-valued extras ``s{j}.extra.{key}``; the header's metadata
@@ -15,25 +17,30 @@ Wire protocol (version 1), standard library only on both sides:
   prompt, ref_types, category, JSON-able extras). A GRPO group's G images share
   one sample, so its references travel once. Images are float32 by default
   (no PNG quantisation of what is scored).
-* The answer is JSON ``{"scores": [...], "extras": {...}, "encoder_calls": n}``
-  with ``null`` for NaN; errors are JSON ``{"error": "..."}`` with status 400 (bad
-  request) or 500 (the reward failed).
+* The answer is JSON ``{"scores": [...], "extras": {...}, "encoder_calls": n}``.
+  JSON has no NaN or infinity: every non-finite score or extra (NaN, +inf, -inf)
+  is ``null``, which the client reads back as NaN, a missing reward (the trainer
+  then applies ``advantage.nan_rule``). Errors are JSON ``{"error": "..."}`` with
+  status 400 (malformed request), 408 (body not received in time), 413 (body or
+  an image over the server's limits), 503 (queue full; ``Retry-After``) or 500
+  (the reward failed).
 
-The client splits a batch into requests of ``batch_size`` images, retries
-connection errors, time-outs and 5xx answers ``retries`` times with
-exponential back-off, and fails with one `RefrlError` line naming the URL.
+The client splits a batch into requests of ``batch_size`` images, and further
+so that each body fits the server's ``max_body_bytes``; it retries connection
+errors, time-outs, 408 and 5xx answers ``retries`` times with exponential
+back-off, and fails with one `RefrlError` line naming the URL (a 4xx such as 413
+fails at once, with the server's reason).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import threading
+import re
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
@@ -50,7 +57,8 @@ DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF_S = 0.5
 DEFAULT_REMOTE_BATCH = 64
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-MAX_BODY_BYTES = 2**31  # refuse absurd requests instead of reading them into memory
+# The tensors of a request that are images, whose height x width the server's pixel limit bounds.
+IMAGE_TENSOR = re.compile(r"images|s\d+\.(ref\d+|target|mask)")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -91,11 +99,38 @@ def encode_request(images: torch.Tensor, samples: Sequence[LoadedSample], wire_d
     return st_save(tensors, metadata={"request": request})
 
 
+def read_header(body: bytes) -> dict[str, Any]:
+    """The safetensors header of a request body (each tensor's dtype and shape, ``__metadata__``).
+
+    Reading it first lets the server check image sizes before any tensor is copied.
+    """
+    if len(body) < 8:
+        raise ValueError(f"body of {len(body)} bytes is not safetensors")
+    size = int.from_bytes(body[:8], "little")
+    if size > len(body) - 8:
+        raise ValueError(f"safetensors header of {size} bytes is longer than the body")
+    header = json.loads(body[8 : 8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    return header
+
+
+def image_sizes(header: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(name, height, width) of every image tensor (images, references, targets, masks) of a request."""
+    sizes = []
+    for name, entry in header.items():
+        if IMAGE_TENSOR.fullmatch(name) and isinstance(entry, dict):
+            shape = entry.get("shape")
+            if not isinstance(shape, list) or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
+                raise ValueError(f"tensor {name!r} has shape {shape!r}, not an image's")
+            sizes.append((name, shape[-2], shape[-1]))
+    return sizes
+
+
 def decode_request(body: bytes) -> tuple[torch.Tensor, list[LoadedSample]]:
     """Inverse of `encode_request`: the images (float32) and one sample per image."""
+    header = read_header(body)
     tensors = st_load(body)
-    header_len = int.from_bytes(body[:8], "little")
-    header = json.loads(body[8 : 8 + header_len])
     request = json.loads(header["__metadata__"]["request"])
     if "images" not in tensors:
         raise ValueError("request has no 'images' tensor")
@@ -111,91 +146,21 @@ def decode_request(body: bytes) -> tuple[torch.Tensor, list[LoadedSample]]:
                                     category=m.get("category"), extra=extra))
     index = request["index"]
     images = tensors["images"].float()
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images have shape {tuple(images.shape)}, not (B, 3, H, W)")
     if len(index) != images.shape[0]:
         raise ValueError(f"request has {images.shape[0]} images but {len(index)} sample indices")
     return images, [samples[j] for j in index]
 
 
-def _to_json_list(t: torch.Tensor) -> list[float | None]:
-    return [None if math.isnan(v) else v for v in t.detach().float().cpu().tolist()]
+def to_json_list(t: torch.Tensor) -> list[float | None]:
+    """Values for JSON, which has no NaN or infinity: every non-finite value becomes null."""
+    return [v if math.isfinite(v) else None for v in t.detach().float().cpu().tolist()]
 
 
-def _from_json_list(values: list[float | None]) -> torch.Tensor:
+def from_json_list(values: list[float | None]) -> torch.Tensor:
+    """Inverse of `to_json_list`: null is NaN (a missing reward)."""
     return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
-
-
-# --------------------------------------------------------------------------- server
-
-
-class RewardServer(ThreadingHTTPServer):
-    """An HTTP server around one reward. Scoring is serialised by a lock (one model, one batch at a time)."""
-
-    daemon_threads = True
-
-    def __init__(self, reward: Any, host: str = "127.0.0.1", port: int = 0):
-        self.reward = reward
-        self.lock = threading.Lock()
-        self.requests_scored = 0
-        super().__init__((host, port), _Handler)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def info(self) -> dict[str, Any]:
-        return {"name": self.reward.name, "role": self.reward.role, "needs": list(getattr(self.reward, "needs", ())),
-                "protocol": PROTOCOL}
-
-    def score(self, images: torch.Tensor, samples: list[LoadedSample]) -> dict[str, Any]:
-        with self.lock:
-            before = getattr(self.reward, "encoder_calls", 0)
-            out = self.reward(images, samples)
-            calls = getattr(self.reward, "encoder_calls", 0) - before
-            self.requests_scored += 1
-        return {"scores": _to_json_list(out.scores), "encoder_calls": calls,
-                "extras": {k: _to_json_list(v) for k, v in out.extras.items()}}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: RewardServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
-        pass  # one line per request would drown the trainer's log
-
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        if self.path.rstrip("/") == "/info":
-            self._send(200, self.server.info())
-        else:
-            self._send(404, {"error": f"no endpoint {self.path}; endpoints: GET /info, POST /score"})
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path.rstrip("/") != "/score":
-            self._send(404, {"error": f"no endpoint {self.path}; endpoints: GET /info, POST /score"})
-            return
-        length = int(self.headers.get("Content-Length", 0))
-        if not 0 < length <= MAX_BODY_BYTES:
-            self._send(400, {"error": f"bad Content-Length {length}"})
-            return
-        body = self.rfile.read(length)
-        try:
-            images, samples = decode_request(body)
-        except Exception as exc:  # a malformed request is the client's error, not the server's
-            self._send(400, {"error": f"malformed request: {type(exc).__name__}: {exc}"})
-            return
-        try:
-            self._send(200, self.server.score(images, samples))
-        except Exception as exc:  # report the reward's failure to the client instead of dropping the connection
-            self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
@@ -207,25 +172,6 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
         keys, value = parse_override(item)
         options[".".join(keys)] = value
     return options
-
-
-def serve_reward(name: str, options: dict[str, Any] | None = None, host: str = "127.0.0.1", port: int = 8500,
-                 announce: Any = print) -> None:
-    """Build reward ``name`` and serve it until interrupted (``refrl serve-reward``)."""
-    from refrl.rewards import build
-
-    reward = build(name, **(options or {}))
-    try:
-        server = RewardServer(reward, host, port)
-    except OSError as exc:
-        raise RefrlError(f"serve-reward: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    announce(f"serving reward {name!r} (role {reward.role}) on {server.url}  (GET /info, POST /score)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
 
 
 # --------------------------------------------------------------------------- client
@@ -256,10 +202,11 @@ class RemoteReward:
                              f"not {remote_name!r}")
         self.role = info["role"]
         self.needs = tuple(info.get("needs", ()))
+        self.max_body_bytes: int | None = (info.get("limits") or {}).get("max_body_bytes")
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
         url = self.url + path
-        last = ""
+        last, busy = "", False
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
@@ -270,34 +217,48 @@ class RemoteReward:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as exc:
                 detail = _error_text(exc)
-                if exc.code < 500:
+                # 408: the body arrived too slowly, which a retry may not repeat.
+                if exc.code < 500 and exc.code != 408:
                     raise RefrlError(f"reward {self.name!r}: {url} refused the request ({exc.code}): {detail}") from None
-                last = f"server error {exc.code}: {detail}"
+                busy = exc.code == 503
+                last = f"{'server busy' if busy else 'server error'} {exc.code}: {detail}"
             except (urllib.error.URLError, OSError) as exc:  # refused, reset, DNS, time-out
                 reason = getattr(exc, "reason", exc)
-                last = "timed out" if isinstance(reason, TimeoutError) else str(reason)
-        raise RefrlError(
-            f"reward {self.name!r}: {url} failed after {self.retries + 1} tries ({last}); is "
-            f"`refrl serve-reward {self.remote_name} --port P` running there? (options: url, timeout, retries)"
-        )
+                last, busy = ("timed out" if isinstance(reason, TimeoutError) else str(reason)), False
+        hint = ("the server stays busy: start it with a larger --max-queue (or --max-connections), or give this "
+                "reward more retries/backoff"
+                if busy else
+                f"is `refrl serve-reward {self.remote_name} --port P` running there? (options: url, timeout, retries)")
+        raise RefrlError(f"reward {self.name!r}: {url} failed after {self.retries + 1} tries ({last}); {hint}")
+
+    def _score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> list[dict[str, Any]]:
+        """The answers for one chunk, split further while its body exceeds the server's limit."""
+        body = encode_request(images, samples, self.wire_dtype)
+        if self.max_body_bytes is None or len(body) <= self.max_body_bytes:
+            return [self._request("POST", "/score", body)]
+        if images.shape[0] == 1:
+            raise RefrlError(
+                f"reward {self.name!r}: one image's request is {len(body) / 2**20:.1f} MiB, over the limit of the "
+                f"server at {self.url} ({self.max_body_bytes / 2**20:.1f} MiB; refrl serve-reward --max-body-mb)"
+            )
+        half = images.shape[0] // 2
+        return self._score(images[:half], samples[:half]) + self._score(images[half:], samples[half:])
 
     def __call__(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         if images.shape[0] != len(samples):
             raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but {len(samples)} samples")
         scores, extras = [], {}
         for i in range(0, images.shape[0], self.batch_size):
-            answer = self._request("POST", "/score",
-                                   encode_request(images[i : i + self.batch_size], samples[i : i + self.batch_size],
-                                                  self.wire_dtype))
-            scores.append(_from_json_list(answer["scores"]))
-            for k, v in answer.get("extras", {}).items():
-                extras.setdefault(k, []).append(_from_json_list(v))
-            self.encoder_calls += int(answer.get("encoder_calls", 0))
+            for answer in self._score(images[i : i + self.batch_size], samples[i : i + self.batch_size]):
+                scores.append(from_json_list(answer["scores"]))
+                for k, v in answer.get("extras", {}).items():
+                    extras.setdefault(k, []).append(from_json_list(v))
+                self.encoder_calls += int(answer.get("encoder_calls", 0))
         return RewardOutput(scores=torch.cat(scores), extras={k: torch.cat(v) for k, v in extras.items()})
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:
     try:
         return str(json.loads(exc.read()).get("error", ""))[:300]
-    except (ValueError, OSError):
+    except (ValueError, OSError, AttributeError):
         return exc.reason if isinstance(exc.reason, str) else ""

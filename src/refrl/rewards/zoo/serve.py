@@ -1,0 +1,405 @@
+"""The reward server behind ``refrl serve-reward``: uvicorn and starlette around one reward.
+
+One model scores one batch at a time, so the server is a queue in front of one
+scoring worker:
+
+* a request is admitted only while fewer than ``max_queue`` are (being received,
+  waiting or being scored); one more gets 503 with ``Retry-After`` before its
+  body is read. Bodies are read under ``max_body_bytes`` (413: by the declared
+  Content-Length before reading, else by counting while streaming) and within
+  ``read_timeout`` seconds (408); every image tensor must have at most
+  ``max_pixels`` pixels (413, checked from the safetensors header before any
+  tensor is copied). So memory holds at most ``max_queue`` bodies.
+* the worker takes the oldest waiting request and every other waiting request
+  whose images have the same size, up to ``max_batch`` images, scores them as one
+  batch in a thread (torch releases the GIL, so the event loop keeps accepting and
+  refusing meanwhile) and answers each. If a joined batch fails, each request is
+  scored alone so only the broken one gets the 500.
+* uvicorn closes idle keep-alive connections after ``idle_timeout`` and answers
+  503 beyond ``max_connections`` open connections; `_DeadlineH11` adds the one
+  timeout it lacks, for a connection that never completes its request headers.
+
+The wire protocol, the non-finite rule (null) and the client are in ``remote.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from refrl.data.schema import LoadedSample
+from refrl.errors import RefrlError
+from refrl.rewards.zoo.remote import (
+    PROTOCOL,
+    decode_request,
+    image_sizes,
+    read_header,
+    to_json_list,
+)
+
+MIB = 2**20
+ENDPOINTS = "endpoints: GET /info, POST /score"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one server accepts and holds; each is a ``refrl serve-reward`` option (see its --help)."""
+
+    max_body_bytes: int = 64 * MIB
+    max_pixels: int = 1024 * 1024  # per image tensor (generated image, reference, target, mask)
+    max_batch: int = 64  # images per call of the reward
+    max_queue: int = 16  # requests admitted at once
+    max_connections: int = 64  # open connections (uvicorn's limit_concurrency)
+    idle_timeout: float = 5.0  # s without a complete request on an open connection
+    read_timeout: float = 60.0  # s to receive one request's body
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (math.isfinite(value) and value > 0):
+                option = "--max-body-mb" if f.name == "max_body_bytes" else "--" + f.name.replace("_", "-")
+                unit = " bytes" if f.name == "max_body_bytes" else ""
+                raise RefrlError(f"serve-reward: {option} must be a number > 0, got {value}{unit}")
+
+    def describe(self) -> str:
+        return (f"limits: body {self.max_body_bytes / MIB:g} MiB, {self.max_pixels} pixels per image, batches of "
+                f"{self.max_batch} images, queue {self.max_queue} requests, {self.max_connections} connections, "
+                f"idle {self.idle_timeout:g} s, body read {self.read_timeout:g} s")
+
+
+@dataclass
+class ServerStats:
+    """Counters of the work the server holds and did (read by tests and for monitoring)."""
+
+    requests_scored: int = 0
+    batches: int = 0
+    admitted: int = 0
+    peak_admitted: int = 0
+    held_bytes: int = 0
+    peak_held_bytes: int = 0
+    rejected: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    images: torch.Tensor
+    samples: list[LoadedSample]
+    future: asyncio.Future
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+
+
+class _DeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers.
+
+    uvicorn times a connection out only after a response (keep-alive); one that
+    connects and never completes a request would hold a connection for ever, and
+    ``max_connections`` of them would shut every client out with 503.
+    """
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.timeout_keep_alive, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        # A request whose headers arrived is the app's: it times out its body itself, and scoring may take long.
+        in_app = self.cycle is not None and not self.cycle.response_complete
+        if not in_app and not self.transport.is_closing():
+            self.transport.close()
+
+
+class RewardServer:
+    """An HTTP server around one reward; `serve_forever` in the foreground or `start`/`stop` in a thread."""
+
+    def __init__(self, reward: Any, host: str = "127.0.0.1", port: int = 0, limits: ServerLimits | None = None):
+        self.reward, self.limits, self.stats = reward, limits or ServerLimits(), ServerStats()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:  # bound here so that port 0 has its real number in `url` before serving
+            self.socket = socket.create_server((host, port), family=family)
+        except OSError as exc:
+            raise RefrlError(f"serve-reward: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        self.host, self.port = host, self.socket.getsockname()[1]
+        self._pending: deque[_Job] = deque()
+        self._wake: asyncio.Event | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        app = Starlette(routes=[Route("/info", self._info, methods=["GET"]),
+                                Route("/score", self._score_endpoint, methods=["POST"])],
+                        exception_handlers={HTTPException: _http_error}, lifespan=self._lifespan)
+        config = uvicorn.Config(app, http=_DeadlineH11, ws="none", loop="asyncio", lifespan="on", log_config=None,
+                                log_level="warning", access_log=False, timeout_keep_alive=self.limits.idle_timeout,
+                                limit_concurrency=self.limits.max_connections, timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def requests_scored(self) -> int:
+        return self.stats.requests_scored
+
+    def info(self) -> dict[str, Any]:
+        lim = self.limits
+        return {"name": self.reward.name, "role": self.reward.role, "needs": list(getattr(self.reward, "needs", ())),
+                "protocol": PROTOCOL,
+                "limits": {"max_body_bytes": lim.max_body_bytes, "max_pixels": lim.max_pixels,
+                           "max_batch": lim.max_batch, "max_queue": lim.max_queue}}
+
+    # ------------------------------------------------------------------ running
+
+    def serve_forever(self) -> None:
+        """Serve until interrupted (Ctrl-C, SIGTERM) or `stop`."""
+        self._server.run(sockets=[self.socket])
+
+    def start(self) -> RewardServer:
+        """Serve in a daemon thread; returns once the server accepts requests."""
+        self._thread = threading.Thread(target=self.serve_forever, name="refrl-reward-server", daemon=True)
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RefrlError(f"serve-reward: the server on {self.url} stopped while starting")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join()
+        self.socket.close()
+
+    def __enter__(self) -> RewardServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._wake = asyncio.Event()
+        # One thread: the reward (one model, maybe not thread-safe) sees one batch at a time.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="refrl-score")
+        worker = asyncio.create_task(self._work())
+        try:
+            yield
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def _info(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.info())
+
+    async def _score_endpoint(self, request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(await self._admit(request))
+        except _Reject as exc:
+            self.stats.rejected[exc.status] = self.stats.rejected.get(exc.status, 0) + 1
+            return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+
+    async def _admit(self, request: Request) -> dict[str, Any]:
+        lim, stats = self.limits, self.stats
+        declared = request.headers.get("content-length")  # h11 has already refused a malformed one
+        if declared is not None and int(declared) > lim.max_body_bytes:
+            raise _Reject(413, f"body of {int(declared)} bytes is over this server's limit of {lim.max_body_bytes} "
+                               "bytes (refrl serve-reward --max-body-mb)")
+        if stats.admitted >= lim.max_queue:
+            raise _Reject(503, f"server busy: {lim.max_queue} requests are queued (refrl serve-reward --max-queue); "
+                               "retry later", headers={"Retry-After": "1"})
+        stats.admitted += 1
+        stats.peak_admitted = max(stats.peak_admitted, stats.admitted)
+        held = 0
+        try:
+            chunks = []
+            try:
+                async with asyncio.timeout(lim.read_timeout):
+                    async for chunk in request.stream():
+                        held += len(chunk)
+                        stats.held_bytes += len(chunk)
+                        stats.peak_held_bytes = max(stats.peak_held_bytes, stats.held_bytes)
+                        if held > lim.max_body_bytes:
+                            raise _Reject(413, f"body is over this server's limit of {lim.max_body_bytes} bytes "
+                                               "(refrl serve-reward --max-body-mb)")
+                        chunks.append(chunk)
+            except TimeoutError:
+                raise _Reject(408, f"the body did not arrive within {lim.read_timeout:g} s "
+                                   "(refrl serve-reward --read-timeout)") from None
+            except ClientDisconnect:
+                raise _Reject(400, "the client disconnected while sending the body") from None
+            body = b"".join(chunks)
+            chunks.clear()
+            images, samples = await self._decode(body)
+            del body  # a waiting request holds its tensors only
+            job = _Job(images, samples, asyncio.get_running_loop().create_future())
+            self._pending.append(job)
+            self._wake.set()
+            result = await job.future
+        finally:
+            stats.admitted -= 1
+            stats.held_bytes -= held
+        if isinstance(result, Exception):
+            raise _Reject(500, _one_line(f"{type(result).__name__}: {result}"))
+        return result
+
+    async def _decode(self, body: bytes) -> tuple[torch.Tensor, list[LoadedSample]]:
+        if not body:
+            raise _Reject(400, "empty body: POST /score takes a safetensors request (refrl.rewards.zoo.remote)")
+        try:
+            sizes = image_sizes(read_header(body))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise _Reject(400, _one_line(f"malformed request: {type(exc).__name__}: {exc}")) from None
+        for name, h, w in sizes:
+            if h * w > self.limits.max_pixels:
+                raise _Reject(413, f"{name} is {h}x{w} = {h * w} pixels, over this server's limit of "
+                                   f"{self.limits.max_pixels} per image (refrl serve-reward --max-pixels)")
+        try:  # a thread: copying a large body would stall the event loop
+            return await asyncio.to_thread(decode_request, body)
+        except Exception as exc:  # a malformed request is the client's error, not the server's
+            raise _Reject(400, _one_line(f"malformed request: {type(exc).__name__}: {exc}")) from None
+
+    # ------------------------------------------------------------------ scoring
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._take_batch()
+                try:
+                    results = await loop.run_in_executor(self._executor, self._score_jobs, batch)
+                except Exception as exc:  # the worker must outlive any failure, or every later request would hang
+                    results = [exc] * len(batch)
+                for job, result in zip(batch, results, strict=True):
+                    if not job.future.done():
+                        job.future.set_result(result)
+
+    def _take_batch(self) -> list[_Job]:
+        """The oldest waiting request and the later ones of its image size, up to ``max_batch`` images."""
+        first = self._pending.popleft()
+        batch, n, rest = [first], first.images.shape[0], deque()
+        while self._pending:
+            job = self._pending.popleft()
+            if job.images.shape[1:] == first.images.shape[1:] and n + job.images.shape[0] <= self.limits.max_batch:
+                batch.append(job)
+                n += job.images.shape[0]
+            else:
+                rest.append(job)
+        self._pending = rest
+        return batch
+
+    def _score_jobs(self, jobs: list[_Job]) -> list[dict[str, Any] | Exception]:
+        if len(jobs) > 1:
+            try:
+                return self._score_together(jobs)
+            except Exception:
+                pass  # one request may have broken the batch: score each alone so only it fails
+        results: list[dict[str, Any] | Exception] = []
+        for job in jobs:
+            try:
+                results.extend(self._score_together([job]))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _score_together(self, jobs: list[_Job]) -> list[dict[str, Any]]:
+        images = torch.cat([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images
+        samples = [s for j in jobs for s in j.samples]
+        before = getattr(self.reward, "encoder_calls", 0)
+        scores, extras = [], {}
+        step = self.limits.max_batch  # a single request may be larger than a batch
+        for i in range(0, len(samples), step):
+            out = self.reward(images[i : i + step], samples[i : i + step])
+            n = len(samples[i : i + step])
+            if tuple(out.scores.shape) != (n,):
+                raise ValueError(f"reward {self.reward.name!r} returned scores of shape {tuple(out.scores.shape)} "
+                                 f"for {n} images")
+            scores.append(out.scores.detach().float().cpu())
+            for key, value in out.extras.items():
+                extras.setdefault(key, []).append(value.detach().float().cpu())
+        all_scores = torch.cat(scores)
+        all_extras = {k: torch.cat(v) for k, v in extras.items()}
+        # Reference encodings of a joined batch cannot be told apart by request; the first answer carries
+        # them all, so a client's running total stays the server's.
+        calls = int(getattr(self.reward, "encoder_calls", 0) - before)
+        results, start = [], 0
+        for k, job in enumerate(jobs):
+            stop = start + job.images.shape[0]
+            results.append({"scores": to_json_list(all_scores[start:stop]), "encoder_calls": calls if k == 0 else 0,
+                            "extras": {key: to_json_list(v[start:stop]) for key, v in all_extras.items()}})
+            start = stop
+        self.stats.batches += 1
+        self.stats.requests_scored += len(jobs)
+        return results
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}; {ENDPOINTS}"},
+                        status_code=exc.status_code)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:1000]
+
+
+def serve_reward(name: str, options: dict[str, Any] | None = None, host: str = "127.0.0.1", port: int = 8500,
+                 limits: ServerLimits | None = None, announce: Callable[[str], Any] = print) -> None:
+    """Build reward ``name`` and serve it until interrupted (``refrl serve-reward``)."""
+    from refrl.rewards import build
+
+    limits = limits or ServerLimits()  # checked before the (maybe slow) model load
+    reward = build(name, **(options or {}))
+    server = RewardServer(reward, host, port, limits)
+    announce(f"serving reward {name!r} (role {reward.role}) on {server.url}  (GET /info, POST /score)")
+    announce(server.limits.describe())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.socket.close()
