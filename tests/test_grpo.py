@@ -12,28 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from refrl.config import load_config
-from refrl.data.refworld.vocab import WORDS
-from refrl.models.tiny_dit import TinyDiTConfig
 from refrl.models.tiny_dit_policy import TinyDiTPolicy
-from refrl.models.tokenizer import WordTokenizer
 from refrl.train.checkpoint import latest_checkpoint
 from refrl.train.grpo import GRPOTrainer, OnPolicyError, train_grpo
 from refrl.train.grpo_config import GRPOConfig
-
-
-@pytest.fixture(scope="module")
-def tiny_policy_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tok = WordTokenizer.from_words(WORDS)
-    policy = TinyDiTPolicy(tok, TinyDiTConfig(vocab_size=tok.vocab_size, width=32, depth=2, heads=2))
-    # Non-zero output head so rollouts depend on the weights (it is zero-initialised).
-    with torch.no_grad():
-        for p in policy.parameters():
-            if p.abs().sum() == 0 and p.dim() > 1:
-                p.normal_(0, 0.02)
-    path = tmp_path_factory.mktemp("policy") / "tiny"
-    policy.save_pretrained(path)
-    return path
 
 
 def grpo_cfg(policy_dir: Path, *extra: str) -> GRPOConfig:
@@ -65,24 +47,10 @@ def test_on_policy_ratio_is_one_and_training_changes_weights(tmp_path, tiny_poli
     assert any(changed)
 
 
-class Brightness:
-    """Mean pixel value: a reward any working policy-gradient step can climb."""
-
-    name, role = "brightness", "quality"
-
-    def __call__(self, images, samples):
-        from refrl.rewards.base import RewardOutput
-
-        return RewardOutput(images.mean(dim=(1, 2, 3)))
-
-
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, sign):
+def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, brightness_reward, sign):
     # The sign of the loss, the advantage and the log-prob gradient all have to be right
     # for the reward to go up; a negative weight must push it down instead.
-    from refrl.rewards.registry import register
-
-    register("brightness", Brightness, "quality", overwrite=True)
     cfg = grpo_cfg(
         tiny_policy_dir, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "optim.lr=1e-2",
         f"rewards=[{{name: brightness, weight: {sign}}}]", "advantage.kind=weighted", "checkpoint_every=8",
