@@ -104,14 +104,20 @@ def test_missing_rewards_are_filled_and_counted(tmp_path, tiny_policy_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, tiny_policy_dir):
-    """Same global batch and seed: 2 gloo processes give the same advantages and update as 1."""
+@pytest.mark.parametrize(("command", "extra", "iterations"), [
+    ("grpo", [], 1),
+    ("rl", ["objective=nft", "sampling.sde_steps=none", "sampling.cfg_scale=2.0", "matching.k=2", "beta_kl=0.1"], 2),
+    ("rl", ["objective=awm", "sampling.sde_steps=none", "matching.k=2", "matching.old_policy=ema",
+            "matching.old_ema_ramp=0.5", "advantage.kind=sars", "advantage.tdw=true"], 2),
+])
+def test_two_processes_match_one(tmp_path, tiny_policy_dir, command, extra, iterations):
+    """Same global batch and seed: 2 gloo processes give the same advantages and update as 1 (every objective)."""
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate CLI not installed")
     overrides = [
-        f"model.init={tiny_policy_dir}", "iterations=1", "groups_per_iteration=2", "group_size=4",
+        f"model.init={tiny_policy_dir}", f"iterations={iterations}", "groups_per_iteration=2", "group_size=4",
         "minibatch_size=4", "sampling.steps=4", "clip_range=0.2", "optim.lr=1e-3", "data.max_refs=3",
-        "save_rollouts=true",
+        "save_rollouts=true", *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     runs = {}
@@ -119,16 +125,16 @@ def test_two_processes_match_one(tmp_path, tiny_policy_dir):
         out = tmp_path / f"np{n}"
         cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", str(n),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "refrl", "grpo", "--config", "configs/tiny-cpu-grpo.yaml", "--out", str(out), *overrides]
+               "-m", "refrl", command, "--config", "configs/tiny-cpu-grpo.yaml", "--out", str(out), *overrides]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         runs[n] = out
-    r1 = load_file(str(runs[1] / "rollouts/iter-1.safetensors"))
-    r2 = load_file(str(runs[2] / "rollouts/iter-1.safetensors"))
+    r1 = load_file(str(runs[1] / f"rollouts/iter-{iterations}.safetensors"))
+    r2 = load_file(str(runs[2] / f"rollouts/iter-{iterations}.safetensors"))
     for k in r1:
         torch.testing.assert_close(r1[k], r2[k], rtol=1e-5, atol=1e-5)
-    w1 = load_file(str(runs[1] / "checkpoints/step-1/trainable.safetensors"))
-    w2 = load_file(str(runs[2] / "checkpoints/step-1/trainable.safetensors"))
+    w1 = load_file(str(runs[1] / f"checkpoints/step-{iterations}/trainable.safetensors"))
+    w2 = load_file(str(runs[2] / f"checkpoints/step-{iterations}/trainable.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
 
