@@ -305,3 +305,12 @@ def test_presets_load(objective):
     cfg = load_config(GRPOConfig, f"configs/tiny-cpu-{objective}.yaml")
     assert cfg.objective == objective and cfg.sampling.sde_steps == "none" and cfg.sampling.cfg_scale == 2.0
     assert cfg.model.init == "tiny-sft" and [r.name for r in cfg.rewards] == ["identity", "layout", "fidelity"]
+
+
+def test_signal_check_runs_for_a_matching_objective(tmp_path, tiny_policy_dir):
+    from refrl.train.signal import measure_signal
+
+    out = measure_signal(GRPOTrainer(rl_cfg(tiny_policy_dir, "nft", "iterations=1"), tmp_path / "run"), iterations=1)
+    assert -1.0 <= out["gradient_cosine"] <= 1.0 and out["gradient_cosine"] != 0.0
+    # ODE rollouts: no trained SDE step whose variance share could be measured
+    assert all(np.isnan(v) for v in out["trained_step_variance_share"].values())
