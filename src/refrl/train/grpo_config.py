@@ -63,7 +63,7 @@ class MatchingConfig(StrictModel):
     and reused by every inner epoch, as GRPO reuses its SDE steps.
     """
 
-    k: int = Field(4, ge=1, description="training times per rollout sample (the released code uses about 0.9 x steps)")
+    k: int = Field(4, ge=1, description="training times per rollout sample (Flow-Factory default: 0.9 x steps)")
     time_sampling: Literal["schedule", "uniform", "logit_normal"] = Field(
         "schedule", description="schedule: a sigma of the rollout's schedule within [t_min, t_max] (the released "
         "code's 'discrete'); uniform: U(t_min, t_max); logit_normal: sigmoid(N(logit_mean, logit_std)) clamped to the range",
