@@ -4,3 +4,51 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> Path:
+    """A small random tiny-DiT policy saved to disk (the RL tests' ``model.init``)."""
+    import torch
+
+    from refrl.data.refworld.vocab import WORDS
+    from refrl.models.tiny_dit import TinyDiTConfig
+    from refrl.models.tiny_dit_policy import TinyDiTPolicy
+    from refrl.models.tokenizer import WordTokenizer
+
+    torch.manual_seed(0)
+    tok = WordTokenizer.from_words(WORDS)
+    policy = TinyDiTPolicy(tok, TinyDiTConfig(vocab_size=tok.vocab_size, width=32, depth=2, heads=2))
+    # Non-zero output head so rollouts depend on the weights (it is zero-initialised).
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.abs().sum() == 0 and p.dim() > 1:
+                p.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp("policy") / "tiny"
+    policy.save_pretrained(path)
+    return path
+
+
+class Brightness:
+    """Mean pixel value: a reward any working policy-gradient step can climb."""
+
+    name, role = "brightness", "quality"
+
+    def __call__(self, images, samples):
+        from refrl.rewards.base import RewardOutput
+
+        return RewardOutput(images.mean(dim=(1, 2, 3)))
+
+
+@pytest.fixture
+def brightness_reward() -> str:
+    """Registers the ``brightness`` reward; returns its name."""
+    from refrl.rewards.registry import register
+
+    register("brightness", Brightness, "quality", overwrite=True)
+    return "brightness"

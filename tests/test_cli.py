@@ -11,7 +11,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     res = run("--help")
     assert res.returncode == 0
-    for cmd in ("data", "sft", "grpo", "generate", "quickstart"):
+    for cmd in ("data", "sft", "rl", "grpo", "generate", "quickstart"):
         assert cmd in res.stdout
 
 

@@ -12,28 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from refrl.config import load_config
-from refrl.data.refworld.vocab import WORDS
-from refrl.models.tiny_dit import TinyDiTConfig
 from refrl.models.tiny_dit_policy import TinyDiTPolicy
-from refrl.models.tokenizer import WordTokenizer
 from refrl.train.checkpoint import latest_checkpoint
 from refrl.train.grpo import GRPOTrainer, OnPolicyError, train_grpo
 from refrl.train.grpo_config import GRPOConfig
-
-
-@pytest.fixture(scope="module")
-def tiny_policy_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tok = WordTokenizer.from_words(WORDS)
-    policy = TinyDiTPolicy(tok, TinyDiTConfig(vocab_size=tok.vocab_size, width=32, depth=2, heads=2))
-    # Non-zero output head so rollouts depend on the weights (it is zero-initialised).
-    with torch.no_grad():
-        for p in policy.parameters():
-            if p.abs().sum() == 0 and p.dim() > 1:
-                p.normal_(0, 0.02)
-    path = tmp_path_factory.mktemp("policy") / "tiny"
-    policy.save_pretrained(path)
-    return path
 
 
 def grpo_cfg(policy_dir: Path, *extra: str) -> GRPOConfig:
@@ -65,24 +47,10 @@ def test_on_policy_ratio_is_one_and_training_changes_weights(tmp_path, tiny_poli
     assert any(changed)
 
 
-class Brightness:
-    """Mean pixel value: a reward any working policy-gradient step can climb."""
-
-    name, role = "brightness", "quality"
-
-    def __call__(self, images, samples):
-        from refrl.rewards.base import RewardOutput
-
-        return RewardOutput(images.mean(dim=(1, 2, 3)))
-
-
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, sign):
+def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, brightness_reward, sign):
     # The sign of the loss, the advantage and the log-prob gradient all have to be right
     # for the reward to go up; a negative weight must push it down instead.
-    from refrl.rewards.registry import register
-
-    register("brightness", Brightness, "quality", overwrite=True)
     cfg = grpo_cfg(
         tiny_policy_dir, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "optim.lr=1e-2",
         f"rewards=[{{name: brightness, weight: {sign}}}]", "advantage.kind=weighted", "checkpoint_every=8",
@@ -136,14 +104,20 @@ def test_missing_rewards_are_filled_and_counted(tmp_path, tiny_policy_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, tiny_policy_dir):
-    """Same global batch and seed: 2 gloo processes give the same advantages and update as 1."""
+@pytest.mark.parametrize(("command", "extra", "iterations"), [
+    ("grpo", [], 1),
+    ("rl", ["objective=nft", "sampling.sde_steps=none", "sampling.cfg_scale=2.0", "matching.k=2", "beta_kl=0.1"], 2),
+    ("rl", ["objective=awm", "sampling.sde_steps=none", "matching.k=2", "matching.old_policy=ema",
+            "matching.old_ema_ramp=0.5", "advantage.kind=sars", "advantage.tdw=true"], 2),
+])
+def test_two_processes_match_one(tmp_path, tiny_policy_dir, command, extra, iterations):
+    """Same global batch and seed: 2 gloo processes give the same advantages and update as 1 (every objective)."""
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate CLI not installed")
     overrides = [
-        f"model.init={tiny_policy_dir}", "iterations=1", "groups_per_iteration=2", "group_size=4",
+        f"model.init={tiny_policy_dir}", f"iterations={iterations}", "groups_per_iteration=2", "group_size=4",
         "minibatch_size=4", "sampling.steps=4", "clip_range=0.2", "optim.lr=1e-3", "data.max_refs=3",
-        "save_rollouts=true",
+        "save_rollouts=true", *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     runs = {}
@@ -151,16 +125,16 @@ def test_two_processes_match_one(tmp_path, tiny_policy_dir):
         out = tmp_path / f"np{n}"
         cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", str(n),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "refrl", "grpo", "--config", "configs/tiny-cpu-grpo.yaml", "--out", str(out), *overrides]
+               "-m", "refrl", command, "--config", "configs/tiny-cpu-grpo.yaml", "--out", str(out), *overrides]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         runs[n] = out
-    r1 = load_file(str(runs[1] / "rollouts/iter-1.safetensors"))
-    r2 = load_file(str(runs[2] / "rollouts/iter-1.safetensors"))
+    r1 = load_file(str(runs[1] / f"rollouts/iter-{iterations}.safetensors"))
+    r2 = load_file(str(runs[2] / f"rollouts/iter-{iterations}.safetensors"))
     for k in r1:
         torch.testing.assert_close(r1[k], r2[k], rtol=1e-5, atol=1e-5)
-    w1 = load_file(str(runs[1] / "checkpoints/step-1/trainable.safetensors"))
-    w2 = load_file(str(runs[2] / "checkpoints/step-1/trainable.safetensors"))
+    w1 = load_file(str(runs[1] / f"checkpoints/step-{iterations}/trainable.safetensors"))
+    w2 = load_file(str(runs[2] / f"checkpoints/step-{iterations}/trainable.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
 

@@ -134,8 +134,9 @@ def sft(
     typer.echo(f"checkpoint: {path}")
 
 
-@app.command("grpo")
-def grpo(
+@app.command("grpo", help="Alias of `refrl rl` (objective: grpo | nft | awm in the config).")
+@app.command("rl")
+def rl(
     config: ConfigOpt = Path("configs/tiny-cpu-grpo.yaml"),
     overrides: OverridesArg = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).")] = None,
@@ -143,7 +144,7 @@ def grpo(
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint.")] = False,
 ) -> None:
-    """Stage 2: GRPO with reward shaping (group norm, GDPO, SARS/TDW, DRS/DAR); works with accelerate launch."""
+    """Stage 2: RL (objective grpo | nft | awm) with reward shaping (group norm, GDPO, SARS/TDW, DRS/DAR); works with accelerate launch."""
     from refrl.config import load_config
     from refrl.train.grpo import train_grpo
     from refrl.train.grpo_config import GRPOConfig

@@ -91,7 +91,8 @@ def choose_sde_steps(
     * ``all``: every step but the last (Flow-GRPO; the last step to sigma=0 is ODE);
     * ``window``: ``window`` consecutive steps starting at a random index or at a
       start that cycles with the iteration (MixGRPO / Flow-GRPO-Fast);
-    * ``random_one``: one random step among the first ``first_m`` (DyRef).
+    * ``random_one``: one random step among the first ``first_m`` (DyRef);
+    * ``none``: no stochastic step, a plain ODE rollout (the log-prob-free objectives).
     """
     last = num_steps - 1  # never stochastic: cps has std 0 there and its log-prob is undefined
     if mode == "all":
@@ -105,7 +106,9 @@ def choose_sde_steps(
         return list(range(start, min(start + window, last)))
     if mode == "random_one":
         return [int(torch.randint(0, max(1, min(first_m, last)), (1,), generator=generator))]
-    raise ValueError(f"unknown sde_steps mode {mode!r}; allowed: all, window, random_one")
+    if mode == "none":
+        return []
+    raise ValueError(f"unknown sde_steps mode {mode!r}; allowed: all, window, random_one, none")
 
 
 @torch.no_grad()
@@ -128,7 +131,8 @@ def rollout_sde(
     does not depend on how the batch is split across processes.
 
     Returns ``latents`` (B, S, *latent) before each SDE step, ``next_latents`` after
-    it, ``log_probs`` (B, S), and ``final`` latents.
+    it, ``log_probs`` (B, S), and ``final`` latents. With no SDE step (S = 0) this is
+    the Euler ODE sampler and the per-step tensors are empty.
     """
     from refrl.sampling.sde import gaussian_log_prob, sde_step
 
@@ -147,6 +151,9 @@ def rollout_sde(
             x = x_next
         else:
             x = ode_step(x, v, s, s_next)
+    if not sde_index:
+        empty = x.new_zeros((b, 0, *x.shape[1:]))
+        return {"latents": empty, "next_latents": empty, "log_probs": x.new_zeros((b, 0), dtype=torch.float32), "final": x}
     return {
         "latents": torch.stack(before, 1),
         "next_latents": torch.stack(after, 1),

@@ -6,8 +6,10 @@ Everything here composes the pure functions of `refrl.shaping` from config:
 * ``weighted``: ``r = Σ w_k r_k`` then group-normalize (group or global std);
 * ``gdpo``: per-reward group normalization, weighted sum, batch normalization (DyRef);
 * ``sars``: Customized-GRPO's synergy-aware shaping of a prompt and an identity
-  reward, with TDW weights at the real denoising index of each trained step; any
-  further rewards are added as a GDPO term (their weights apply).
+  reward, with TDW weights at the real denoising index of each trained step (GRPO's
+  SDE steps, shared by all samples; or, for the log-prob-free objectives, each
+  sample's own training times as positions on the rollout schedule); any further
+  rewards are added as a GDPO term (their weights apply).
 
 DRS (DyRef) rescales one named reward before aggregation using each sample's
 number of references; DAR (DyRef) turns the raw, pre-DRS similarity into
@@ -70,7 +72,7 @@ class AdvantageConfig(StrictModel):
 
 @dataclass
 class AdvantageResult:
-    advantages: torch.Tensor  # (N, S): one advantage per sample and trained step
+    advantages: torch.Tensor  # (N, S): one advantage per sample and trained step (or training time)
     loss_weights: torch.Tensor  # (N,)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -81,12 +83,18 @@ def compute_advantages(
     weights: dict[str, float],
     group_ids: torch.Tensor,
     n_refs: torch.Tensor,
-    step_indices: list[int],
+    step_indices: list[int] | torch.Tensor,
     num_steps: int,
     cfg: AdvantageConfig,
 ) -> AdvantageResult:
-    """Advantages of a gathered batch. ``rewards[k]`` (N,) may hold NaN (not applicable)."""
-    n, s = group_ids.shape[0], len(step_indices)
+    """Advantages of a gathered batch. ``rewards[k]`` (N,) may hold NaN (not applicable).
+
+    ``step_indices``: the trained denoising steps, shared by every sample (a list of S ints),
+    or a (N, S) tensor of per-sample (possibly fractional) step positions, where TDW is
+    evaluated per sample.
+    """
+    per_sample = isinstance(step_indices, torch.Tensor)
+    n, s = group_ids.shape[0], (step_indices.shape[1] if per_sample else len(step_indices))
     metrics: dict[str, float] = {}
     rewards = {k: v.float() for k, v in rewards.items()}
 
@@ -123,12 +131,13 @@ def compute_advantages(
                 raise KeyError(f"advantage.kind=sars needs reward {key!r}; configured: {sorted(filled)}")
         r_h = fill_missing(filled[cfg.prompt_reward], "mean")[0]
         r_d = fill_missing(filled[cfg.identity_reward], "mean")[0]
+        columns = list(step_indices.T) if per_sample else list(step_indices)
         cols = [
             customized_grpo_advantages(
                 r_h, r_d, group_ids, step_index=t, num_steps=num_steps, gamma=cfg.sars_gamma,
                 mode=cfg.sars_mode, use_tdw=cfg.tdw, clip=cfg.clip, fixed_weights=cfg.fixed_weights,
             )
-            for t in step_indices
+            for t in columns
         ]
         advantages = torch.stack(cols, 1)
         # Rewards beyond the SARS pair (e.g. DyRef's fidelity, after DRS) join as GDPO
@@ -140,7 +149,11 @@ def compute_advantages(
         a_h = group_normalize(r_h, group_ids, eps=1e-8)
         a_d = group_normalize(r_d, group_ids, eps=1e-8)
         metrics.update({f"sars/{k}": v for k, v in sars_categories(a_h, a_d).items()})
-        if cfg.tdw:
+        if cfg.tdw and per_sample:
+            w_h, _ = tdw_weights(step_indices, num_steps)
+            metrics.update({"tdw/w_prompt_mean": float(w_h.mean()), "tdw/w_prompt_min": float(w_h.min()),
+                            "tdw/w_prompt_max": float(w_h.max())})
+        elif cfg.tdw:
             for t in step_indices:
                 w_h, _ = tdw_weights(t, num_steps)
                 metrics[f"tdw/w_prompt@{t}"] = float(w_h)

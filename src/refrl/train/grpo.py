@@ -1,4 +1,5 @@
-"""Stage 2: GRPO for flow-matching policies (Flow-GRPO family), on any `Policy`.
+"""Stage 2: RL for flow-matching policies, on any `Policy`: GRPO (Flow-GRPO family),
+DiffusionNFT or AWM, one loop for all (``objective`` in the config).
 
 One iteration:
 
@@ -6,13 +7,14 @@ One iteration:
    and repeat each ``group_size`` times; each process rolls out a contiguous
    share of the groups;
 2. roll out with SDE steps where chosen (ODE elsewhere), storing x_t, x_{t+1} and
-   the old log-prob; every random draw is keyed by (seed, iteration, sample),
-   so a trajectory does not depend on the number of processes;
-3. score with the rewards, gather everything across processes, compute
+   the old log-prob (GRPO), and the final latents; every random draw is keyed by
+   (seed, iteration, sample), so a trajectory does not depend on the number of processes;
+3. the objective prepares its training data (nft/awm: training times and v_old, before
+   any update); score with the rewards, gather everything across processes, compute
    advantages through `compute_advantages` (group norm / GDPO / SARS+TDW, DRS, DAR);
-4. train with the PPO-clip loss (+ closed-form KL to the reference policy) over
-   minibatches and inner epochs; on the first minibatch after a rollout the
-   ratio must be 1 (on-policy guard).
+4. train with the objective's minibatch loss (`refrl.train.objectives`: PPO-clip on
+   SDE steps, NFT, or AWM; + KL to the reference policy) over minibatches and inner
+   epochs; on the first minibatch after a rollout the ratio must be 1 (on-policy guard).
 """
 
 from __future__ import annotations
@@ -32,18 +34,13 @@ from refrl.config import dump_config
 from refrl.errors import RefrlError
 from refrl.models.build import build_policy
 from refrl.rewards import build as build_reward
-from refrl.sampling.rollout import (
-    choose_sde_steps,
-    encode_for_guidance,
-    guided_velocity,
-    rollout_sde,
-)
+from refrl.sampling.rollout import choose_sde_steps, encode_for_guidance, rollout_sde
 from refrl.sampling.schedules import sigma_schedule
-from refrl.sampling.sde import sde_step
 from refrl.train.advantages import compute_advantages
 from refrl.train.checkpoint import (
     init_fingerprint,
     latest_checkpoint,
+    load_checkpoint,
     resume_training,
     rng_state,
     save_checkpoint,
@@ -52,7 +49,7 @@ from refrl.train.data import SampleSource
 from refrl.train.distributed import Dist
 from refrl.train.ema import EMA
 from refrl.train.grpo_config import GRPOConfig
-from refrl.train.losses import gaussian_mean_kl, ppo_clip_loss
+from refrl.train.objectives import build_objective
 from refrl.train.optim import build_optimizer
 from refrl.train.run import MetricsWriter, seeded_generator
 
@@ -100,6 +97,7 @@ class GRPOTrainer:
         self.reference = None
         if cfg.beta_kl > 0:
             self.reference = self._make_reference()
+        self.objective = build_objective(self)
         self.start = 0
         if resume:
             self._resume()
@@ -131,10 +129,12 @@ class GRPOTrainer:
     def _resume(self) -> None:
         self.start = resume_training(self.ckpt_root, self.named, self.optimizer, self.scheduler, self.ema,
                                      self.init_sha, self.cfg.model.init, self.out_dir)
+        trainer_state, _, _ = load_checkpoint(latest_checkpoint(self.ckpt_root))
+        self.objective.load_state_dict(trainer_state.get("objective", {}))
 
     def checkpoint(self, iteration: int) -> Path | None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": rng_state()}
+                 "rng": rng_state(), "objective": self.objective.state_dict()}
         path = None
         if self.dist.is_main:
             def export(p: Path) -> None:
@@ -142,7 +142,7 @@ class GRPOTrainer:
                     self.policy.save_pretrained(p)
 
             path = save_checkpoint(self.ckpt_root, iteration, export, state, self.ema.state_dict(),
-                                   {"data_position": iteration, "kind": "grpo", "init_sha256": self.init_sha}, trainable=dict(self.named),
+                                   {"data_position": iteration, "kind": self.cfg.objective, "init_sha256": self.init_sha}, trainable=dict(self.named),
                                    keep_last=self.cfg.keep_last)
         self.dist.barrier()
         return path
@@ -192,19 +192,15 @@ class GRPOTrainer:
             extras[name] = {k: self.dist.gather(v.float()) for k, v in out.extras.items()}
         encoder_calls = sum(getattr(r, "encoder_calls", 0) - calls_before[k] for k, r in self.rewards.items())
         reward_seconds = time.perf_counter() - t_reward
-        return {
-            "groups": groups, "sde_steps": sde_steps, "sigmas": sigmas, "scores": scores, "extras": extras,
-            "latents": self.dist.gather(traj["latents"]), "next_latents": self.dist.gather(traj["next_latents"]),
-            "log_probs": self.dist.gather(traj["log_probs"]), "reward_seconds": reward_seconds,
-            "images": self.dist.gather(images), "encoder_calls": encoder_calls,
+        ro = {
+            "iteration": it, "groups": groups, "sde_steps": sde_steps, "sigmas": sigmas, "scores": scores,
+            "extras": extras, "reward_seconds": reward_seconds, "images": self.dist.gather(images),
+            "encoder_calls": encoder_calls, "final": self.dist.gather(traj["final"]),
         }
-
-    def _log_prob(self, policy, conds, x, x_next, sigma, sigma_next):
-        """log-prob (and Gaussian mean/std) of the stored step ``x -> x_next`` under ``policy``."""
-        sc = self.cfg.sampling
-        v = guided_velocity(policy, x, torch.full((x.shape[0],), sigma), conds[0], conds[1], sc.cfg_scale)
-        _, logp, mean, std = sde_step(sc.sde_kind, x, v, sigma, sigma_next, sc.noise_level, prev_sample=x_next)
-        return logp, mean, std
+        if self.objective.needs_sde_steps:  # the log-prob-free objectives keep no per-step data
+            ro.update({"latents": self.dist.gather(traj["latents"]), "next_latents": self.dist.gather(traj["next_latents"]),
+                       "log_probs": self.dist.gather(traj["log_probs"])})
+        return ro
 
     def _as_reference(self):
         """The KL reference policy and the (single-use) context it runs in: adapter off, or the frozen copy."""
@@ -214,39 +210,12 @@ class GRPOTrainer:
 
     def minibatch_loss(self, ro: dict[str, Any], idx: torch.Tensor, mb_samples: list, adv: torch.Tensor,
                        loss_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, list[float]]]:
-        """PPO-clip loss (+ beta * KL) of the rollout samples ``idx``, averaged over their SDE steps.
+        """The objective's loss of the rollout samples ``idx`` (`refrl.train.objectives`).
 
-        Returns the loss (with gradients), the PPO ratios (detached) and per-step stats.
+        Returns the loss (with gradients), the ratios the on-policy guard checks (detached)
+        and per-step stats.
         """
-        cfg = self.cfg
-        sde_steps, sigmas = ro["sde_steps"], ro["sigmas"]
-        stats: dict[str, list[float]] = {"kl": [], "clipfrac": []}
-        total = torch.zeros(())
-        ratios = []
-        # the condition is encoded once per minibatch (with gradients) and shared by its steps
-        conds = encode_for_guidance(self.policy, mb_samples, cfg.sampling.cfg_scale)
-        ref_conds = None
-        if self.reference is not None:
-            ref_policy, ctx = self._as_reference()
-            with torch.no_grad(), ctx:
-                ref_conds = encode_for_guidance(ref_policy, mb_samples, cfg.sampling.cfg_scale)
-        for j, t in enumerate(sde_steps):
-            s, s_next = float(sigmas[t]), float(sigmas[t + 1])
-            x, x_next = ro["latents"][idx, j], ro["next_latents"][idx, j]
-            logp, mean, std = self._log_prob(self.policy, conds, x, x_next, s, s_next)
-            loss, st = ppo_clip_loss(logp, ro["log_probs"][idx, j], adv[idx, j], cfg.clip_range,
-                                     weights=loss_weights[idx])
-            ratios.append(torch.exp(logp.detach() - ro["log_probs"][idx, j]))
-            if ref_conds is not None:
-                ref_policy, ctx = self._as_reference()
-                with torch.no_grad(), ctx:
-                    _, mean_ref, _ = self._log_prob(ref_policy, ref_conds, x, x_next, s, s_next)
-                kl = gaussian_mean_kl(mean, mean_ref, std).mean()
-                loss = loss + cfg.beta_kl * kl
-                stats["kl"].append(float(kl.detach()))
-            total = total + loss / len(sde_steps)
-            stats["clipfrac"].append(float(st["clipfrac"]))
-        return total, torch.cat(ratios), stats
+        return self.objective.minibatch_loss(ro, idx, mb_samples, adv, loss_weights)
 
     def train_on(self, it: int, ro: dict[str, Any], adv, loss_weights) -> dict[str, float]:
         cfg = self.cfg
@@ -255,7 +224,7 @@ class GRPOTrainer:
         mb, local_mb = cfg.minibatch_size, cfg.minibatch_size // self.dist.world
         n_mb = n // mb
         accumulate = n_mb if cfg.gradient_accumulation == "iteration" else cfg.gradient_accumulation
-        stats = {"loss": [], "kl": [], "ratio_mean": [], "ratio_max": [], "clipfrac": []}
+        stats: dict[str, list[float]] = {"loss": [], "kl": [], "ratio_mean": [], "ratio_max": []}
         ratio_first = float("nan")
         for epoch in range(cfg.inner_epochs):
             perm = torch.randperm(n, generator=seeded_generator(cfg.seed, it, 3, epoch))
@@ -266,10 +235,11 @@ class GRPOTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 total, r, mb_stats = self.minibatch_loss(ro, idx, mb_samples, adv, loss_weights)
                 for k, v in mb_stats.items():
-                    stats[k].extend(v)
+                    stats.setdefault(k, []).extend(v)
                 if epoch == 0 and m == 0:
                     ratio_first = self.dist.max_across(float((r - 1).abs().max()))
-                    if cfg.on_policy_check and ratio_first > cfg.on_policy_tol:
+                    # an off-policy sampler (matching.old_policy=ema) makes ratio != 1 by design
+                    if cfg.on_policy_check and self.objective.on_policy and ratio_first > cfg.on_policy_tol:
                         raise OnPolicyError(
                             f"on-policy check failed at iteration {it + 1}: max |ratio - 1| = {ratio_first:.3e} "
                             f"> {cfg.on_policy_tol:g}; {ON_POLICY_HELP}"
@@ -286,20 +256,24 @@ class GRPOTrainer:
                 stats["ratio_max"].append(float(r.max()))
         self.scheduler.step()
         mean = lambda v: float(sum(v) / len(v)) if v else 0.0  # noqa: E731
+        extra = {k: mean(v) for k, v in stats.items() if k not in ("loss", "kl", "ratio_mean", "ratio_max")}
         return {"loss": mean(stats["loss"]), "kl": mean(stats["kl"]), "ratio_first": ratio_first,
-                "ratio_mean": mean(stats["ratio_mean"]), "ratio_max": max(stats["ratio_max"], default=1.0),
-                "clipfrac": mean(stats["clipfrac"])}
+                "ratio_mean": mean(stats["ratio_mean"]), "ratio_max": max(stats["ratio_max"], default=1.0), **extra}
 
     def iteration(self, it: int) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        ro = self.rollout(it)
+        with self.objective.sampling_context():
+            ro = self.rollout(it)
         t_rollout = time.perf_counter() - t0 - ro["reward_seconds"]
+        t1 = time.perf_counter()
+        self.objective.prepare(it, ro)  # before any update: v_old is the rollout policy's
+        t_prepare = time.perf_counter() - t1
         n = cfg.groups_per_iteration * cfg.group_size
         group_ids = torch.arange(cfg.groups_per_iteration).repeat_interleave(cfg.group_size)
         n_refs = torch.tensor([s.n_refs for s in ro["groups"] for _ in range(cfg.group_size)])
-        res = compute_advantages(ro["scores"], ro["extras"], self.weights, group_ids, n_refs, ro["sde_steps"],
-                                 cfg.sampling.steps, cfg.advantage)
+        res = compute_advantages(ro["scores"], ro["extras"], self.weights, group_ids, n_refs,
+                                 self.objective.advantage_steps(ro), cfg.sampling.steps, cfg.advantage)
         if cfg.save_rollouts and self.dist.is_main:
             folder = self.out_dir / "rollouts"
             folder.mkdir(exist_ok=True)
@@ -307,7 +281,8 @@ class GRPOTrainer:
                        **{f"reward/{k}": v for k, v in ro["scores"].items()}}, str(folder / f"iter-{it + 1}.safetensors"))
         t1 = time.perf_counter()
         train_stats = self.train_on(it, ro, res.advantages, res.loss_weights)
-        t_train = time.perf_counter() - t1
+        self.objective.after_iteration(it)
+        t_train = time.perf_counter() - t1 + t_prepare
         record: dict[str, Any] = {"step": it + 1}
         for name, sc in ro["scores"].items():
             valid = sc[~torch.isnan(sc)]
@@ -329,7 +304,7 @@ class GRPOTrainer:
             if self.dist.is_main else None
         interrupted = {"flag": False}
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
-        bar = tqdm(range(self.start, cfg.iterations), initial=self.start, total=cfg.iterations, desc="grpo",
+        bar = tqdm(range(self.start, cfg.iterations), initial=self.start, total=cfg.iterations, desc=cfg.objective,
                    disable=not self.dist.is_main, dynamic_ncols=True)
         path = None
         try:
@@ -357,5 +332,5 @@ class GRPOTrainer:
 
 
 def train_grpo(cfg: GRPOConfig, out_dir: str | Path, resume: bool = False) -> Path | None:
-    """Run GRPO into ``out_dir``; returns the last checkpoint."""
+    """Run RL (``cfg.objective``: grpo, nft or awm) into ``out_dir``; returns the last checkpoint."""
     return GRPOTrainer(cfg, out_dir, resume=resume).run()

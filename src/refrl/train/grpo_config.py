@@ -1,4 +1,10 @@
-"""Typed config of the GRPO trainer (defaults: METHODS.md sections 1-2)."""
+"""Typed config of the RL trainer (defaults: METHODS.md sections 1-2 and 7).
+
+One config runs every objective over the same rollout, reward and advantage path:
+``objective: grpo`` (PPO-clip on stored SDE steps), ``nft`` (DiffusionNFT) or ``awm``
+(advantage-weighted matching); the last two train on the rollouts' clean images
+(sections ``matching``, ``nft``, ``awm``) and need no SDE step.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from pydantic import Field, model_validator
 
 from refrl.config import StrictModel
 from refrl.models.build import ModelConfig
+from refrl.sampling.schedules import sigma_schedule
 from refrl.train.advantages import AdvantageConfig
 from refrl.train.data import DataConfig
 from refrl.train.optim import OptimConfig
@@ -25,7 +32,9 @@ class SamplingConfig(StrictModel):
     cfg_scale: float = Field(1.0, description="classifier-free guidance in rollouts and training (1 = off)")
     sde_kind: Literal["flow-sde", "dance-sde", "cps"] = "flow-sde"
     noise_level: float = Field(0.7, gt=0, description="a (flow-sde, cps) or eta (dance-sde)")
-    sde_steps: Literal["all", "window", "random_one"] = "all"
+    sde_steps: Literal["all", "window", "random_one", "none"] = Field(
+        "all", description="stochastic (trained) steps of a GRPO rollout; none = a plain ODE rollout (nft, awm only)"
+    )
     window: int = Field(2, ge=1, description="sde_steps=window: number of consecutive SDE steps")
     window_start: Literal["random", "scheduled"] = "random"
     window_max_start: int | None = Field(
@@ -47,8 +56,59 @@ class SamplingConfig(StrictModel):
         return self
 
 
+class MatchingConfig(StrictModel):
+    """Training times of the log-prob-free objectives (nft, awm), METHODS.md section 7.
+
+    Each rollout sample gets ``k`` times ``t`` (sigma) and noises, drawn once per iteration
+    and reused by every inner epoch, as GRPO reuses its SDE steps.
+    """
+
+    k: int = Field(4, ge=1, description="training times per rollout sample (Flow-Factory default: 0.9 x steps)")
+    time_sampling: Literal["schedule", "uniform", "logit_normal"] = Field(
+        "schedule", description="schedule: a sigma of the rollout's schedule within [t_min, t_max] (the released "
+        "code's 'discrete'); uniform: U(t_min, t_max); logit_normal: sigmoid(N(logit_mean, logit_std)) clamped to the range",
+    )
+    t_min: float = Field(0.1, ge=0, lt=1, description="lowest training time (Flow-Factory: timestep_range 0.9)")
+    t_max: float = Field(1.0, gt=0, le=1)
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    old_policy: Literal["rollout", "ema"] = Field(
+        "rollout", description="v_old: the weights that made the rollouts (on-policy), or an EMA of the trained "
+        "weights that also samples the rollouts (DiffusionNFT's off-policy variant)",
+    )
+    old_ema_decay: float = Field(0.5, ge=0, lt=1, description="old_policy=ema: largest decay (DiffusionNFT's 0.5)")
+    old_ema_ramp: float = Field(
+        0.001, ge=0, description="old_policy=ema: decay = min(ramp * iteration, old_ema_decay) (DiffusionNFT's 0.001)"
+    )
+
+    @model_validator(mode="after")
+    def _check_range(self) -> MatchingConfig:
+        if self.t_min >= self.t_max:
+            raise ValueError(f"matching.t_min ({self.t_min}) must be < matching.t_max ({self.t_max})")
+        return self
+
+
+class NFTConfig(StrictModel):
+    """DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117); defaults of the released code."""
+
+    beta: float = Field(1.0, gt=0, description="nft_beta: v+ = b v + (1-b) v_old; smaller is more conservative")
+    adv_max: float = Field(5.0, gt=0, description="A_max of the optimality weight r = clip(A/A_max, -1, 1)/2 + 1/2")
+    error_floor: float = Field(1e-5, gt=0, description="floor of the per-sample error scale")
+
+
+class AWMConfig(StrictModel):
+    """Advantage-weighted matching (Xue et al. 2025, arXiv 2509.25050); PPO clip range is ``clip_range``."""
+
+    time_weighting: Literal["uniform", "t", "t2"] = Field(
+        "uniform", description="weight of the matching log-likelihood l at time t: 1, t or t^2"
+    )
+
+
 class GRPOConfig(StrictModel):
     seed: int = 0
+    objective: Literal["grpo", "nft", "awm"] = Field(
+        "grpo", description="grpo: PPO-clip on stored SDE steps; nft: DiffusionNFT; awm: advantage-weighted matching"
+    )
     iterations: int = Field(40, ge=1)
     groups_per_iteration: int = Field(8, ge=1, description="prompts per iteration (global, all processes)")
     group_size: int = Field(8, ge=2, description="G samples per prompt")
@@ -58,13 +118,15 @@ class GRPOConfig(StrictModel):
         "inner epoch, so one step sees every rollout of the iteration",
     )
     inner_epochs: int = Field(1, ge=1)
-    clip_range: float = Field(1e-4, gt=0, description="PPO epsilon")
-    beta_kl: float = Field(0.0, ge=0)
+    clip_range: float = Field(1e-4, gt=0, description="PPO epsilon (grpo, awm)")
+    beta_kl: float = Field(0.0, ge=0, description="KL to the reference; nft/awm: beta * mean (v - v_ref)^2")
     kl_reference: Literal["auto", "adapter", "copy"] = Field(
         "auto", description="KL reference: the LoRA policy with its adapter off, or a frozen copy; auto picks adapter for LoRA"
     )
     ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA of weights used for evaluation")
-    on_policy_check: bool = True
+    on_policy_check: bool = Field(
+        True, description="ratio must be 1 on the first minibatch after a rollout (not enforced with matching.old_policy=ema)"
+    )
     on_policy_tol: float = 1e-5
     checkpoint_every: int = 10
     keep_last: int = 2
@@ -76,6 +138,9 @@ class GRPOConfig(StrictModel):
     sampling: SamplingConfig = SamplingConfig()
     rewards: list[RewardSpec] = [RewardSpec(name="identity"), RewardSpec(name="layout")]
     advantage: AdvantageConfig = AdvantageConfig()
+    matching: MatchingConfig = MatchingConfig()
+    nft: NFTConfig = NFTConfig()
+    awm: AWMConfig = AWMConfig()
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
@@ -90,6 +155,18 @@ class GRPOConfig(StrictModel):
                 raise ValueError(
                     f"gradient_accumulation ({self.gradient_accumulation}) must be 'iteration' or a positive divisor "
                     f"of the minibatches per epoch ({n_mb})"
+                )
+        if self.objective == "grpo" and self.sampling.sde_steps == "none":
+            raise ValueError(
+                "sampling.sde_steps=none leaves objective=grpo no SDE step to train: choose all, window or random_one, "
+                "or objective=nft/awm"
+            )
+        if self.objective != "grpo" and self.matching.time_sampling == "schedule":
+            sigmas = sigma_schedule(self.sampling.steps, shift=self.sampling.shift)[:-1]
+            if not ((sigmas >= self.matching.t_min) & (sigmas <= self.matching.t_max)).any():
+                raise ValueError(
+                    f"matching.time_sampling=schedule: no sigma of the {self.sampling.steps}-step schedule lies in "
+                    f"[matching.t_min, matching.t_max] = [{self.matching.t_min}, {self.matching.t_max}]"
                 )
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):

@@ -1,4 +1,4 @@
-"""GRPO policy loss (PPO clipped surrogate) and the closed-form KL to a reference policy."""
+"""Policy losses: PPO clipped surrogate (GRPO, AWM) and KL terms to a reference policy."""
 
 from __future__ import annotations
 
@@ -61,3 +61,15 @@ def gaussian_mean_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tens
         )
     kl = (mean.float() - mean_ref.float()) ** 2 / (2.0 * std.float() ** 2)
     return kl.expand_as(mean).reshape(mean.shape[0], -1).mean(dim=1)
+
+
+def velocity_kl(v: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
+    """Velocity-space KL surrogate to a reference policy, per sample: ``mean_dims (v − v_ref)²`` (B,).
+
+    The log-prob-free objectives have no SDE step whose std would turn this into
+    Flow-GRPO's ``‖v − v_ref‖²/(2σ²)`` (METHODS.md section 1, velocity form); the released
+    AWM / DiffusionNFT code (Flow-Factory ``kl_type='v-based'``) uses this plain mean. Float32.
+    """
+    if v.shape != v_ref.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} != v_ref shape {tuple(v_ref.shape)}")
+    return ((v.float() - v_ref.float()) ** 2).reshape(v.shape[0], -1).mean(dim=1)

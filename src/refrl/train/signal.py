@@ -1,10 +1,11 @@
-"""Is there a gradient signal? Two checks to run before spending compute on a GRPO config.
+"""Is there a gradient signal? Two checks to run before spending compute on an RL config.
 
 Both use the trainer's own rollout, reward, advantage and loss code on a few
 iterations of the config, from its initial weights (nothing is trained):
 
 * **half-batch gradient cosine**: the groups of an iteration are split in two
-  halves; the cosine between the policy gradients of the two halves' GRPO losses.
+  halves; the cosine between the policy gradients of the two halves' losses (the
+  config's objective: grpo, nft or awm).
   Independent estimates of one true gradient agree (cosine > 0) only where signal
   outweighs sampling noise; cosine ~ 0 means an optimizer step is mostly noise
   (METHODS.md section 8 measured -0.01 on the session-2 config).
@@ -61,7 +62,7 @@ def trained_step_share(first: torch.Tensor, second: torch.Tensor, group_size: in
 
 
 def half_gradients(trainer: GRPOTrainer, ro: dict[str, Any], adv: torch.Tensor, loss_weights: torch.Tensor):
-    """Gradients of the GRPO loss on the first and the second half of the iteration's groups."""
+    """Gradients of the objective's loss on the first and the second half of the iteration's groups."""
     cfg = trainer.cfg
     samples = [s for s in ro["groups"] for _ in range(cfg.group_size)]
     n = len(samples)
@@ -86,15 +87,19 @@ def measure_signal(trainer: GRPOTrainer, iterations: int = 3) -> dict[str, Any]:
     cosines: list[float] = []
     shares: dict[str, list[float]] = {name: [] for name in trainer.rewards}
     for it in range(iterations):
-        ro = trainer.rollout(it)
-        again = trainer.rollout(it, step_noise_stream=102)
+        with trainer.objective.sampling_context():
+            ro = trainer.rollout(it)
+            # an ODE rollout (nft/awm with sampling.sde_steps=none) has no trained step to re-roll: share NaN
+            again = trainer.rollout(it, step_noise_stream=102) if ro["sde_steps"] else None
+        trainer.objective.prepare(it, ro)
         n_refs = torch.tensor([s.n_refs for s in ro["groups"] for _ in range(cfg.group_size)])
-        res = compute_advantages(ro["scores"], ro["extras"], trainer.weights, group_ids, n_refs, ro["sde_steps"],
-                                 cfg.sampling.steps, cfg.advantage)
+        res = compute_advantages(ro["scores"], ro["extras"], trainer.weights, group_ids, n_refs,
+                                 trainer.objective.advantage_steps(ro), cfg.sampling.steps, cfg.advantage)
         first, second = half_gradients(trainer, ro, res.advantages, res.loss_weights)
         cosines.append(cosine(first, second))
         for name in trainer.rewards:
-            shares[name].append(trained_step_share(ro["scores"][name], again["scores"][name], cfg.group_size))
+            shares[name].append(float("nan") if again is None else
+                                trained_step_share(ro["scores"][name], again["scores"][name], cfg.group_size))
     mean = lambda v: float(torch.tensor(v).nanmean()) if v else float("nan")  # noqa: E731
     return {
         "iterations": iterations,
