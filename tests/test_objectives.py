@@ -33,7 +33,8 @@ from refrl.train.objectives.nft import (
 def rl_cfg(policy_dir: Path, objective: str, *extra: str) -> GRPOConfig:
     base = [
         f"model.init={policy_dir}", f"objective={objective}", "iterations=3", "groups_per_iteration=2", "group_size=4",
-        "minibatch_size=4", "sampling.steps=4", "sampling.sde_steps=none", "sampling.cfg_scale=2.0", "matching.k=2",
+        "minibatch_size=4", "sampling.steps=4", "sampling.sde_steps=none", "sampling.same_noise_in_group=false",
+        "sampling.cfg_scale=2.0", "matching.k=2",
         "checkpoint_every=1", "keep_last=5", "clip_range=0.2", "optim.lr=1e-3", "data.max_refs=3", "save_rollouts=true",
     ]
     return load_config(GRPOConfig, "configs/tiny-cpu-grpo.yaml", base + list(extra))
@@ -287,6 +288,7 @@ def test_sars_tdw_on_training_times_in_a_run(tmp_path, tiny_policy_dir):
     ("rl", ["objective=nft", "matching.t_min=0.8", "matching.t_max=0.5"], "matching.t_min"),
     ("rl", ["objective=nft", "matching.t_min=0.95", "matching.t_max=0.99"], "matching.t_min"),
     ("rl", ["objective=awm", "matching.typo=1"], "matching.typo"),
+    ("rl", ["objective=awm", "sampling.sde_steps=none", "sampling.same_noise_in_group=true"], "same_noise_in_group"),
 ])
 def test_bad_objective_options_are_one_line_errors(tmp_path, command, overrides, key):
     """Through the installed command: exit 2, one `error:` line naming the key, no traceback."""

@@ -161,6 +161,11 @@ class GRPOConfig(StrictModel):
                 "sampling.sde_steps=none leaves objective=grpo no SDE step to train: choose all, window or random_one, "
                 "or objective=nft/awm"
             )
+        if self.sampling.sde_steps == "none" and self.sampling.same_noise_in_group:
+            raise ValueError(
+                "sampling.same_noise_in_group=true with sampling.sde_steps=none makes every sample of a group the same "
+                "image (one start, a deterministic ODE): no advantage is left; set one of them differently"
+            )
         if self.objective != "grpo" and self.matching.time_sampling == "schedule":
             sigmas = sigma_schedule(self.sampling.steps, shift=self.sampling.shift)[:-1]
             if not ((sigmas >= self.matching.t_min) & (sigmas <= self.matching.t_max)).any():
