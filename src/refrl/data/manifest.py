@@ -268,8 +268,9 @@ def _counter_line(counter: Counter, key=None) -> str:
     return ", ".join(f"{k}: {v}" for k, v in items) or "-"
 
 
-def format_report(report: ValidationReport, max_errors: int = MAX_ERRORS_SHOWN) -> str:
-    """A human summary: counts, categories, references per sample, types, image sizes, errors."""
+def format_report(report: ValidationReport, max_errors: int | None = MAX_ERRORS_SHOWN) -> str:
+    """A human summary: counts, categories, references per sample, types, image sizes, and the
+    first ``max_errors`` errors (None: all of them)."""
     status = "OK" if report.ok else "INVALID"
     lines = [f"{report.path}: {status} — {report.n_lines} lines, {report.n_valid} valid, {report.n_invalid} invalid"
              + (f" ({report.skipped} skipped)" if report.skipped else "")]
@@ -281,7 +282,7 @@ def format_report(report: ValidationReport, max_errors: int = MAX_ERRORS_SHOWN) 
     if report.errors:
         lines.append(f"  errors ({len(report.errors)}):")
         lines += [f"    {e}" for e in report.errors[:max_errors]]
-        if len(report.errors) > max_errors:
+        if max_errors is not None and len(report.errors) > max_errors:
             lines.append(f"    ... and {len(report.errors) - max_errors} more")
     return "\n".join(lines)
 
