@@ -269,7 +269,7 @@ def _auto_before_after(run_dir: Path, evals: Mapping[str, Mapping[str, Any]]) ->
     suite = refworld_suite(n=n, seed=int(params.get("data_seed", a["seed"])), size=int((a.get("size") or [32])[0]),
                            level=int(params.get("level", 2)), categories=params.get("categories"),
                            name=str(a["suite"]))
-    paths = [(Path(ev["_dir"]) / IMAGES_DIR / f"{it.image_id}.png") for ev in (a, b) for it in suite.items]
+    paths = [(Path(ev["_dir"]) / IMAGES_DIR / it.file_name) for ev in (a, b) for it in suite.items]
     if not all(p.is_file() for p in paths):
         return None
     before = [load_image(p) for p in paths[:n]]

@@ -46,9 +46,9 @@ class GRPOConfig(StrictModel):
     )
     ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA of weights used for evaluation")
     on_policy_check: bool = True
-    on_policy_tol: float = 1e-5
-    checkpoint_every: int = 10
-    keep_last: int = 2
+    on_policy_tol: float = Field(1e-5, ge=0)
+    checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
+    keep_last: int = Field(2, ge=0, description="checkpoints kept (0 = all)")
     trackers: list[Literal["tensorboard", "wandb"]] = []
     save_rollouts: bool = Field(False, description="write rewards and advantages of every iteration to rollouts/")
     model: ModelConfig = ModelConfig(init="tiny-sft")
