@@ -30,25 +30,21 @@ _UNSAFE_CHARS = re.compile(r"[^\w.\-]", re.ASCII)
 # Bytes of the readable part of such a name; file systems allow 255 per name.
 _MAX_NAME_BYTES = 120
 _HASH_CHARS = 10
-
-_umask: int | None = None
-
+# What a hashed name ends with; a name that already does is hashed too, so a kept name
+# can never equal the hashed name of another.
+_HASHED = re.compile(rf"-[0-9a-f]{{{_HASH_CHARS}}}$")
 
 def _current_umask() -> int:
     """The process umask. Linux shows it in /proc; elsewhere it can only be read by setting it."""
-    global _umask
-    if _umask is None:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("Umask:"):
-                    _umask = int(line.split()[1], 8)
-                    break
-        except (OSError, ValueError):
-            pass
-        if _umask is None:
-            _umask = os.umask(0o022)
-            os.umask(_umask)
-    return _umask
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def default_file_mode() -> int:
@@ -106,17 +102,18 @@ def safe_filename(name: str, reserved: Collection[str] = ()) -> str:
     """A file name (without extension) for ``name`` that stays inside its folder.
 
     Names of letters, digits, ``_``, ``-`` and inner dots are kept as they are (so
-    ``rw-000001`` stays ``rw-000001``). Anything else (``/``, ``\\``, ``..``, a leading
+    ``rw-000001`` stays ``rw-000001``). Any other name (``/``, ``\\``, ``..``, a leading
     dot, spaces, control characters, non-ASCII, more than 120 bytes, a name in
-    ``reserved``) is replaced by ``_`` and followed by a hash of the original, so two
-    different names never share a file.
+    ``reserved``, a name ending like a hashed one) has those characters replaced by
+    ``_``, outer dots dropped, and ``-<hash of the original>`` appended; kept names never
+    end that way, so two different names never share a file.
     """
     text = str(name)
     stem = _UNSAFE_CHARS.sub("_", text).strip(".")[:_MAX_NAME_BYTES]
-    if stem and stem == text and stem not in reserved:
+    if stem and stem == text and stem not in reserved and not _HASHED.search(stem):
         return stem
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
-    return f"{stem}-{digest}" if stem else digest
+    return f"{stem or '_'}-{digest}"
 
 
 def prepare_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
@@ -159,14 +156,10 @@ def _acquire(lock_path: Path, folder: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip()
             os.close(fd)
-            who = f" (pid {holder})" if holder.isdigit() else ""
             raise RefrlError(
-                f"{folder} is in use by another refrl process{who}; wait for it to finish or choose another folder"
+                f"{folder} is in use by another refrl process; wait for it to finish or choose another folder"
             ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
     _held[lock_path] = (fd, 1)
 
 
@@ -184,8 +177,9 @@ def lock_run_folder(path: str | os.PathLike, option: str = "--out") -> Iterator[
     """Create ``path`` (`prepare_out_dir`) and hold an exclusive lock on it, or raise a
     one-line RefrlError when another process holds it.
 
-    The lock is ``flock`` on ``path/.refrl.lock``: the operating system drops it when the
-    process ends in any way (``kill -9`` included), so a stale lock file never blocks
+    The lock is ``flock`` on the empty file ``path/.refrl.lock`` (never written, so a
+    refused process changes nothing): the operating system drops it when the process
+    ends in any way (``kill -9`` included), so a leftover lock file never blocks
     ``--resume``. Re-entrant within a process.
     """
     folder = prepare_out_dir(path, option)

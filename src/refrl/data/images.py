@@ -83,8 +83,8 @@ def check_image_pixels(width: int, height: int, source: str | os.PathLike = "ima
     limit = max_image_pixels()
     if int(width) * int(height) > limit:
         raise ImageReadError(
-            source, f"{width}x{height} pixels ({width * height / 1e6:.1f} MP) exceed the limit of "
-            f"{limit / 1e6:g} MP; set {MAX_IMAGE_PIXELS_ENV} to a larger number of pixels to allow it")
+            source, f"{width}x{height} = {width * height:,} pixels exceed the limit of {limit:,} pixels "
+            f"(set {MAX_IMAGE_PIXELS_ENV} to allow larger images)")
 
 
 def _min_max(arr: np.ndarray) -> np.ndarray:

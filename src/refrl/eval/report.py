@@ -395,5 +395,6 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         + "</body></html>\n"
     )
     out_path = Path(out) if out is not None else run_dir / REPORT_FILE
-    out_path.write_text(page, encoding="utf-8")
-    return out_path
+    from refrl.files import atomic_write_text
+
+    return atomic_write_text(out_path, page)

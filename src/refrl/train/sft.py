@@ -129,11 +129,12 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> Path
 
 def _train_sft(cfg: SFTConfig, out_dir: Path, resume: bool) -> Path:
     ckpt_root = out_dir / "checkpoints"
-    if latest_checkpoint(ckpt_root) is not None and not resume:
+    last = latest_checkpoint(ckpt_root)
+    if last is not None and not resume:
         raise RefrlError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
-    dump_config(cfg, out_dir / "config.yaml")
+    if last is None and resume:
+        raise RefrlError(f"--resume: no checkpoint under {ckpt_root}")
     seed_everything(cfg.seed)
-
     policy = build_policy(cfg.model)
     check_image_size(policy, cfg.data.size)
     policy.train()
@@ -141,6 +142,7 @@ def _train_sft(cfg: SFTConfig, out_dir: Path, resume: bool) -> Path:
     optimizer, scheduler = build_optimizer([p for _, p in named], cfg.optim, cfg.steps)
     ema = EMA(named, cfg.ema_decay)
     source = SampleSource(cfg.data, seed=cfg.seed, total_steps=cfg.steps, need_target="SFT trains on the targets")
+    dump_config(cfg, out_dir / "config.yaml")  # once the model and the data are known to load
 
     start = 0
     init_sha = init_fingerprint(cfg.model.init)
