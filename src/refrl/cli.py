@@ -2,7 +2,7 @@
 
 Imports of heavy modules happen inside commands so ``refrl --help`` is instant.
 Every error, from typer (bad or missing options) or from refrl (``RefrlError``), is
-printed by `main` as one line ``error: ...`` on stderr with a non-zero exit code.
+printed by `run` as one line ``error: ...`` on stderr with a non-zero exit code.
 """
 
 from __future__ import annotations

@@ -284,7 +284,7 @@ class GRPOTrainer:
             folder = self.out_dir / "rollouts"
             folder.mkdir(exist_ok=True)
             save_safetensors({"advantages": res.advantages, "loss_weights": res.loss_weights, "images": ro["images"],
-                       **{f"reward/{k}": v for k, v in ro["scores"].items()}}, folder / f"iter-{it + 1}.safetensors")
+                              **{f"reward/{k}": v for k, v in ro["scores"].items()}}, folder / f"iter-{it + 1}.safetensors")
         t1 = time.perf_counter()
         train_stats = self.train_on(it, ro, res.advantages, res.loss_weights)
         t_train = time.perf_counter() - t1
