@@ -264,6 +264,7 @@ def test_help_exits_0_and_no_args_shows_help(tmp_path):
 # --------------------------------------------------------------------------- item 2: ids never leave --out
 
 
+@pytest.mark.slow
 def test_generate_and_eval_keep_unsafe_ids_inside_out(data, tmp_path):
     sandbox = tmp_path / "a" / "b" / "sandbox"
     (sandbox / "d" / "subject").mkdir(parents=True)
@@ -296,6 +297,7 @@ def test_generate_and_eval_keep_unsafe_ids_inside_out(data, tmp_path):
 # --------------------------------------------------------------------------- item 3: no stale lock
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen(
@@ -333,6 +335,7 @@ def test_resume_drops_a_torn_metrics_line(sft_run, tmp_path):
 # --------------------------------------------------------------------------- item 8: permissions follow the umask
 
 
+@pytest.mark.slow
 def test_written_files_follow_the_umask(sft_run, data, tmp_path):
     gen = tmp_path / "gen"
     res = subprocess.run([sys.executable, "-m", "refrl", "generate", "--ckpt", "tiny-sft", "--manifest",
