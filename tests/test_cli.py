@@ -30,3 +30,20 @@ def test_bad_override_names_key(tmp_path):
     assert res.returncode == 2
     assert "optim.schedule" in res.stderr and "'constant' or 'cosine'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_system_failures_are_one_line_with_exit_1(monkeypatch, capsys, tmp_path):
+    import errno
+
+    import refrl.eval.report as report
+    from refrl import cli
+
+    disk_full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report.html"))
+    expected = [f"error: No space left on device: {tmp_path / 'report.html'}", "error: out of memory"]
+    for exc, line in zip((disk_full, MemoryError()), expected, strict=True):
+        def failing(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(report, "write_report", failing)
+        assert cli.run(["report", str(tmp_path)]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [line]

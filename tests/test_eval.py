@@ -373,3 +373,15 @@ def test_refworld_split_and_level_choose_the_samples():
         build_suite("refworld", n=2, level=3)
     with pytest.raises(RefrlError, match="refworld suite only"):
         build_suite("refine", n=2, split="train")
+
+
+def test_a_corrupt_cached_image_is_generated_again(tmp_path):
+    suite = refworld_suite(n=2, seed=0)
+    policy = make_policy()
+    res = _run(policy, suite, tmp_path)
+    path = tmp_path / IMAGES_DIR / suite.items[1].file_name
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])  # the eval was killed while writing it
+    again = _run(policy, suite, tmp_path)
+    assert (again["generated"], again["cached"]) == (1, 1)
+    assert path.read_bytes() == good and again["metrics"] == res["metrics"]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -107,6 +108,20 @@ def test_checkpoint_layout_and_no_partial_folders(tmp_path):
     # a leftover temp folder from a crash is never taken for a checkpoint
     (tmp_path / "run" / "checkpoints" / "step-99.tmp").mkdir()
     assert latest_checkpoint(tmp_path / "run" / "checkpoints") == ckpt
+
+
+def test_python_random_is_seeded_with_the_run_seed(tmp_path):
+    states = []
+    for before in (1, 2):  # whatever state the process was in before the run
+        random.seed(before)
+        path = train_sft(tiny_cfg("steps=1"), tmp_path / f"run{before}")
+        states.append(torch.load(path / "trainer.pt", weights_only=True)["rng"]["python"])
+    assert states[0] == states[1]
+
+
+def test_keep_last_zero_keeps_every_checkpoint(tmp_path):
+    train_sft(tiny_cfg("steps=3", "checkpoint_every=1", "keep_last=0"), tmp_path / "run")
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-1", "step-2", "step-3"]
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

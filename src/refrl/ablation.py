@@ -26,6 +26,7 @@ from rich.console import Console
 
 from refrl.config import validate_config
 from refrl.errors import RefrlError
+from refrl.files import atomic_write_text, lock_run_folder
 from refrl.train.grpo_config import GRPOConfig
 
 BASE: dict[str, Any] = {
@@ -102,18 +103,24 @@ def _collect(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False, seeds: int = 3,
                  variants: list[str] | None = None, ckpt: str = "tiny-sft", eval_seed: int = 1234) -> Path:
-    from refrl.eval.suites import eval_command
-    from refrl.train.grpo import train_grpo
-
+    """Train and evaluate every variant under ``out`` (holding its lock); returns ablation.json."""
     if preset != "refworld":
         raise RefrlError(f"unknown ablation preset {preset!r}; allowed: refworld")
     names = variants or list(VARIANTS)
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise RefrlError(f"unknown ablation variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
+    if seeds < 1:
+        raise RefrlError(f"seeds must be >= 1, got {seeds}")
+    with lock_run_folder(out):
+        return _run_ablation(Path(out), preset, quick, seeds, names, ckpt, eval_seed)
+
+
+def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[str], ckpt: str, eval_seed: int) -> Path:
+    from refrl.eval.suites import eval_command
+    from refrl.train.grpo import train_grpo
+
     budget = BUDGETS["quick" if quick else "default"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
     t0 = time.perf_counter()
@@ -142,8 +149,8 @@ def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False,
         results[name] = {k: _mean_std([d.get(k, float("nan")) for d in per_seed]) for k in keys}
     summary = {"preset": preset, "quick": quick, "seeds": seeds, "budget": budget, "ckpt": ckpt,
                "eval_seed": eval_seed, "seconds": time.perf_counter() - t0, "variants": results}
-    (out / "ablation.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
-    (out / "ablation.md").write_text(markdown_table(summary))
+    atomic_write_text(out / "ablation.json", json.dumps(summary, indent=2, allow_nan=True))
+    atomic_write_text(out / "ablation.md", markdown_table(summary))
     console.print(f"ablation: {out / 'ablation.md'} ({summary['seconds']:.0f} s)")
     return out / "ablation.json"
 

@@ -1,7 +1,8 @@
 """The ``refrl`` command line: one typer app.
 
 Imports of heavy modules happen inside commands so ``refrl --help`` is instant.
-User errors (``RefrlError``) are printed as one line with a non-zero exit code.
+Every error, from typer (bad or missing options) or from refrl (``RefrlError``), is
+printed by `run` as one line ``error: ...`` on stderr with a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -22,12 +23,24 @@ app = typer.Typer(
 data_app = typer.Typer(help="Datasets: generate RefWorld, validate manifests, import other layouts.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = 2  # bad options, config, data or paths: the user can fix it
+EXIT_FAILURE = 1  # the system failed the command: out of memory, disk full, I/O errors
+EXIT_INTERRUPTED = 130
+
+# Output folders: a file in their place is refused while parsing the options; a folder
+# that cannot be created or written, by `refrl.files.prepare_out_dir` before any work.
+OUT_DIR = {"file_okay": False, "writable": True}
+
+
+def print_error(message: str) -> None:
+    """The one line every failing command ends with (newlines folded: one error, one line)."""
+    text = " ".join(str(message).split("\n")).strip()
+    typer.secho(f"error: {text}", err=True, fg=typer.colors.RED)
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     """Print one readable error line and exit."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -36,20 +49,22 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
 
 @data_app.command("refworld")
 def data_refworld(
-    out: Annotated[Path, typer.Option(help="Output folder (manifest <split>.jsonl + PNGs).")],
-    n: Annotated[int, typer.Option(help="Number of samples.")] = 200,
+    out: Annotated[Path, typer.Option(help="Output folder (manifest <split>.jsonl + PNGs).", **OUT_DIR)],
+    n: Annotated[int, typer.Option(help="Number of samples.", min=1)] = 200,
     seed: Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).")] = 0,
     split: Annotated[str, typer.Option(help="train | val | test (test uses unseen subject identities).")] = "train",
     size: Annotated[int, typer.Option(help="Image size in pixels (32 or 64).")] = 32,
     categories: Annotated[str | None, typer.Option(help="Comma-separated categories (default: all).")] = None,
-    max_refs: Annotated[int, typer.Option(help="Maximum references per sample (1-7).")] = 7,
-    level: Annotated[int | None, typer.Option(help="Difficulty 0-2 (0: solid colours, plain backgrounds).")] = None,
+    max_refs: Annotated[int, typer.Option(help="Maximum references per sample (1-7).", min=1, max=7)] = 7,
+    level: Annotated[int | None, typer.Option(help="Difficulty 0-2 (0: solid colours, plain backgrounds).", min=0, max=2)] = None,
     preview: Annotated[bool, typer.Option(help="Also write preview.png (first 8 samples).")] = True,
 ) -> None:
     """Generate RefWorld multi-reference composition tasks (deterministic from the seed)."""
     from refrl.data.refworld import generate_refworld_to_disk
+    from refrl.files import prepare_out_dir
 
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
+    prepare_out_dir(out)
     manifest = generate_refworld_to_disk(
         out, n=n, seed=seed, split=split, size=size, categories=cats, max_refs=max_refs, level=level
     )
@@ -63,59 +78,64 @@ def data_refworld(
         typer.echo(f"preview: {path}")
 
 
+def _invalid_summary(report) -> str:
+    return (f"{report.path}: {report.n_invalid} of {report.n_lines} lines invalid"
+            + (f"; first: {report.errors[0]}" if report.errors else ""))
+
+
 @data_app.command("validate")
 def data_validate(
     manifest: Annotated[Path, typer.Argument(help="A JSONL manifest.")],
     skip_invalid: Annotated[bool, typer.Option(help="Report invalid lines but exit 0 if at least one line is valid.")] = False,
 ) -> None:
-    """Check every line and every image of a manifest; exit 0 only if all are valid."""
+    """Check every line and every image of a manifest; exit 0 only if all are valid (2 if not)."""
     from refrl.data.manifest import format_report, validate_manifest
 
     report = validate_manifest(manifest, skip_invalid=skip_invalid)
-    for line in report.errors:
-        typer.secho(line, err=True, fg=typer.colors.RED)
-    typer.echo(format_report(report))
+    # the report lists every problem (a linter's output); the error line sums them up
+    typer.echo(format_report(report, max_errors=None))
     if not report.ok:
-        raise typer.Exit(1)
+        fail(_invalid_summary(report))
 
 
 @data_app.command("import")
 def data_import(
     kind: Annotated[str, typer.Argument(help="diffsynth | hf | dreambench")],
     src: Annotated[str, typer.Argument(help="Source file, folder, or (hf) dataset id / saved folder.")],
-    out: Annotated[Path, typer.Option(help="Output folder for the manifest (and copied images).")],
+    out: Annotated[Path, typer.Option(help="Output folder for the manifest (and copied images).", **OUT_DIR)],
     split: Annotated[str, typer.Option(help="Dataset split (hf only).")] = "train",
     root: Annotated[Path | None, typer.Option(help="diffsynth: folder the image paths are relative to.")] = None,
-    k: Annotated[int | None, typer.Option(help="dreambench: subject images per sample (default all).")] = None,
+    k: Annotated[int | None, typer.Option(help="dreambench: subject images per sample (default all).", min=1)] = None,
     unique_token: Annotated[str, typer.Option(help="dreambench: token before the class word, e.g. sks.")] = "",
     link: Annotated[str, typer.Option(help="hardlink | copy | symlink images into --out.")] = "hardlink",
-    max_rows: Annotated[int | None, typer.Option(help="hf: import at most N rows.")] = None,
+    max_rows: Annotated[int | None, typer.Option(help="hf: import at most N rows.", min=1)] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing manifest.")] = False,
 ) -> None:
     """Import the DyRef/DiffSynth layout, a Hugging Face dataset, or DreamBench into a manifest."""
     from refrl.data.importers import import_command
+    from refrl.data.manifest import format_report
 
     res = import_command(kind, src, out, root=root, split=split, k=k, unique_token=unique_token, link=link,
                          max_rows=max_rows, overwrite=force)
     typer.echo(f"wrote {res.n_samples} samples: {res.manifest}")
     if res.report is not None and not res.report.ok:
-        for line in res.report.errors:
-            typer.secho(line, err=True, fg=typer.colors.RED)
-        raise typer.Exit(1)
+        typer.echo(format_report(res.report, max_errors=None))
+        fail(f"the imported manifest is invalid: {_invalid_summary(res.report)}")
 
 
 # --------------------------------------------------------------------------- training
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML preset (see configs/).")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=1e-4")]
+RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).", **OUT_DIR)]
 
 
 @app.command("sft")
 def sft(
     config: ConfigOpt = Path("configs/tiny-cpu-sft.yaml"),
     overrides: OverridesArg = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Override the number of steps.")] = None,
+    out: RunDirOpt = None,
+    steps: Annotated[int | None, typer.Option(help="Override the number of steps.", min=1)] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint.")] = False,
 ) -> None:
@@ -139,8 +159,8 @@ def sft(
 def rl(
     config: ConfigOpt = Path("configs/tiny-cpu-grpo.yaml"),
     overrides: OverridesArg = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).")] = None,
-    iterations: Annotated[int | None, typer.Option(help="Override the number of iterations.")] = None,
+    out: RunDirOpt = None,
+    iterations: Annotated[int | None, typer.Option(help="Override the number of iterations.", min=1)] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint.")] = False,
 ) -> None:
@@ -164,9 +184,9 @@ def rl(
 def generate_cmd(
     ckpt: Annotated[str, typer.Option(help="tiny-sft, a run folder or a checkpoint folder.")],
     manifest: Annotated[Path, typer.Option(help="JSONL manifest of samples to generate for.")],
-    out: Annotated[Path, typer.Option(help="Output folder.")],
-    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
-    steps: Annotated[int, typer.Option(help="ODE steps.")] = 20,
+    out: Annotated[Path, typer.Option(help="Output folder (<id>.png per sample, grid.png).", **OUT_DIR)],
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.", min=1)] = None,
+    steps: Annotated[int, typer.Option(help="ODE steps.", min=1)] = 20,
     cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")] = 2.0,
     seed: Annotated[int, typer.Option(help="Seed; sample i uses noise (seed, i).")] = 0,
 ) -> None:
@@ -205,7 +225,7 @@ def compare_cmd(
 
 @app.command("quickstart")
 def quickstart(
-    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
+    out: Annotated[Path, typer.Option(help="Run folder.", **OUT_DIR)] = Path("runs/quickstart"),
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
     """The main job on the embedded default, end to end; prints where the report is."""
@@ -218,7 +238,7 @@ def quickstart(
 def serve_reward_cmd(
     name: Annotated[str, typer.Argument(help="Reward to serve (any name of refrl.rewards.available()).")],
     options: Annotated[list[str] | None, typer.Argument(help="Reward options key=value, e.g. checkpoint=/models/dino device=cuda")] = None,
-    port: Annotated[int, typer.Option(help="TCP port (0 = any free port, printed at start).")] = 8500,
+    port: Annotated[int, typer.Option(help="TCP port (0 = any free port, printed at start).", min=0, max=65535)] = 8500,
     host: Annotated[str, typer.Option(help="Listen address: 127.0.0.1 (this machine only) or this host's cluster-network address.")] = "127.0.0.1",
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB (413 beyond; clients split their requests to fit).")] = 64.0,
     max_pixels: Annotated[int, typer.Option(help="Largest image (and reference, target, mask) in pixels, height x width (413 beyond).")] = 1024 * 1024,
@@ -246,20 +266,20 @@ def serve_reward_cmd(
 def eval_cmd(
     ckpt: Annotated[str, typer.Option(help="tiny-sft, a run folder or a checkpoint folder.")],
     suite: Annotated[str, typer.Option(help="refworld | omniref | dreambench | refine")],
-    out: Annotated[Path, typer.Option(help="Output folder (images/ cache, eval.json, samples.jsonl, grid.png).")],
-    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
-    n: Annotated[int | None, typer.Option(help="refworld/refine: number of samples (default 96 / 48).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (images/ cache, eval.json, samples.jsonl, grid.png).", **OUT_DIR)],
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.", min=1)] = None,
+    n: Annotated[int | None, typer.Option(help="refworld/refine: number of samples (default 96 / 48).", min=1)] = None,
     data: Annotated[Path | None, typer.Option(help="omniref: metadata JSON; dreambench: the DreamBench folder.")] = None,
     root: Annotated[Path | None, typer.Option(help="omniref: folder the image paths are relative to.")] = None,
     rewards: Annotated[str | None, typer.Option(help="Metrics, comma-separated NAME or METRIC=REWARD (default: the suite's).")] = None,
     reward_option: Annotated[list[str] | None, typer.Option(help="METRIC.KEY=VALUE, repeatable, e.g. dino.checkpoint=/models/dino")] = None,
-    steps: Annotated[int, typer.Option(help="ODE steps.")] = 20,
+    steps: Annotated[int, typer.Option(help="ODE steps.", min=1)] = 20,
     cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")] = 2.0,
     seed: Annotated[int, typer.Option(help="Seed of the samples (refworld) and of the noise.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per generation / scoring batch.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per generation / scoring batch.", min=1)] = 16,
     force: Annotated[bool, typer.Option(help="Delete images generated with other settings and start over.")] = False,
     split: Annotated[str | None, typer.Option(help="refworld: train | val | test (default test: unseen identities).")] = None,
-    level: Annotated[int | None, typer.Option(help="refworld: difficulty 0-2 (default 2).")] = None,
+    level: Annotated[int | None, typer.Option(help="refworld: difficulty 0-2 (default 2).", min=0, max=2)] = None,
 ) -> None:
     """Generate (cached: an interrupted eval resumes) and score a suite; writes OUT/eval.json."""
     from refrl.eval.suites import eval_command
@@ -276,7 +296,7 @@ def eval_cmd(
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (config.yaml, metrics.jsonl, eval folders).")],
-    out: Annotated[Path | None, typer.Option(help="Output file (default RUN_DIR/report.html).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file (default RUN_DIR/report.html).", dir_okay=False, writable=True)] = None,
 ) -> None:
     """Write a self-contained report.html: curves, before/after tables, score vs #references, grids."""
     from refrl.eval.report import write_report
@@ -287,9 +307,9 @@ def report_cmd(
 @app.command("ablate")
 def ablate(
     preset: Annotated[str, typer.Option(help="refworld")] = "refworld",
-    out: Annotated[Path, typer.Option(help="Output folder (ablation.json, ablation.md, one run per variant).")] = Path("runs/ablation"),
+    out: Annotated[Path, typer.Option(help="Output folder (ablation.json, ablation.md, one run per variant).", **OUT_DIR)] = Path("runs/ablation"),
     quick: Annotated[bool, typer.Option(help="Small budget (about 10 minutes on 2 cores).")] = False,
-    seeds: Annotated[int | None, typer.Option(help="Seeds per GRPO variant (default 3; 1 with --quick).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per GRPO variant (default 3; 1 with --quick).", min=1)] = None,
     variants: Annotated[str | None, typer.Option(help="Comma-separated subset of variants.")] = None,
     ckpt: Annotated[str, typer.Option(help="SFT checkpoint every variant starts from.")] = "tiny-sft",
 ) -> None:
@@ -302,28 +322,70 @@ def ablate(
     typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
 
 
-def main() -> None:
-    """Console entry point: user errors become one line and a non-zero exit."""
-    import click
+# --------------------------------------------------------------------------- entry point
 
+
+def _click_exception_types() -> tuple[type[Exception], ...]:
+    """The exception base of the click that typer runs on: recent typers (0.29 here) bundle
+    their own copy (typer._click, whose ClickException derives from typer.TyperException),
+    older ones raise click's own classes, which `except click.ClickException` alone misses
+    in the first case and `typer.TyperException` alone in the second."""
+    types: list[type[Exception]] = []
+    if hasattr(typer, "TyperException"):
+        types.append(typer.TyperException)
+    click = sys.modules.get("click")
+    if click is not None:
+        types.append(click.ClickException)
+    return tuple(types)
+
+
+def _usage_error_line(exc: Exception) -> str:
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return its exit code; every
+    failure has printed exactly one ``error:`` line on stderr."""
     from refrl.errors import RefrlError
 
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False: typer returns the code of `typer.Exit` and raises everything
+        # else here, so there is one place that turns errors into one line and an exit code.
+        code = app(args=argv, prog_name="refrl", standalone_mode=False)
     except RefrlError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        sys.exit(EXIT_USER_ERROR)
-    except click.exceptions.Abort:
-        typer.secho("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        print_error(str(exc))
+        return EXIT_USER_ERROR
+    except typer.Abort:
+        print_error("aborted")
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
-        sys.exit(130)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print_error("out of memory")
+        return EXIT_FAILURE
+    except OSError as exc:  # the system refused: disk full, I/O error, a file vanished
+        where = f": {exc.filename}" if exc.filename else ""
+        print_error(f"{exc.strerror or exc}{where}")
+        return EXIT_FAILURE
+    except Exception as exc:
+        if not isinstance(exc, _click_exception_types()):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `refrl` or `refrl data` alone: the help
+            exc.show()
+        else:
+            print_error(_usage_error_line(exc))
+        return int(getattr(exc, "exit_code", EXIT_USER_ERROR))
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    """Console entry point (``refrl``, ``python -m refrl``)."""
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ and ``[a, b]`` work) and validates.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -116,9 +117,23 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] | 
     return validate_config(model, data, source=str(path) if path else "config")
 
 
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """An integer setting from environment variable ``name`` (``_`` separators allowed),
+    ``default`` when unset; ConfigError naming the variable when it is not an integer >= ``minimum``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be an integer >= {minimum}, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"environment variable {name} must be an integer >= {minimum}, got {raw!r}")
+    return value
+
+
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config as YAML (the run folder's ``config.yaml``), atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    from refrl.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,4 +1,8 @@
-"""``refrl generate``: sample a checkpoint on a manifest, write PNGs and a grid."""
+"""``refrl generate``: sample a checkpoint on a manifest, write PNGs and a grid.
+
+Each image is ``OUT/<id>.png`` with the id made safe by `refrl.files.safe_filename`
+(an id such as ``../x`` or ``a/b`` becomes ``.._x-<hash>``-style names that stay in OUT).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from refrl.data.schema import LoadedSample
+from refrl.errors import RefrlError
 from refrl.eval.grid import save_grid
+from refrl.files import atomic_write_text, lock_run_folder, safe_filename
 from refrl.models.build import load_policy
 from refrl.sampling.rollout import sample_ode
 
@@ -25,10 +31,20 @@ def generate(
     shift: float = 1.0,
 ) -> list[Path]:
     """Generate one image per sample (noise from ``(seed, index)``), save PNGs and ``grid.png``."""
+    if not samples:
+        raise RefrlError("no samples to generate for (the manifest is empty)")
+    with lock_run_folder(out_dir):
+        return _generate(ckpt, samples, Path(out_dir), steps, cfg_scale, seed, batch_size, shift)
+
+
+# Names generate writes itself; a sample id equal to one gets a hashed file name instead.
+_OWN_FILES = ("grid",)
+
+
+def _generate(ckpt: str, samples: list[LoadedSample], out_dir: Path, steps: int, cfg_scale: float, seed: int,
+              batch_size: int, shift: float) -> list[Path]:
     from refrl.data.images import save_image
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     policy = load_policy(ckpt)
     policy.eval()
     paths: list[Path] = []
@@ -38,7 +54,7 @@ def generate(
         images = sample_ode(policy, chunk, steps=steps, cfg_scale=cfg_scale, shift=shift, seed=seed,
                             indices=range(start, start + len(chunk)))
         for s, im in zip(chunk, images, strict=True):
-            p = out_dir / f"{s.id}.png"
+            p = out_dir / f"{safe_filename(s.id, reserved=_OWN_FILES)}.png"
             save_image(im, p)
             paths.append(p)
             outputs.append(im)
@@ -50,7 +66,7 @@ def generate(
             row.append(("target", s.target))
         rows.append(row)
     save_grid(rows, out_dir / "grid.png")
-    (out_dir / "generate.json").write_text(
-        json.dumps({"ckpt": str(ckpt), "steps": steps, "cfg": cfg_scale, "seed": seed, "n": len(samples)}, indent=2)
-    )
+    atomic_write_text(out_dir / "generate.json", json.dumps(
+        {"ckpt": str(ckpt), "steps": steps, "cfg": cfg_scale, "seed": seed, "n": len(samples),
+         "files": {s.id: p.name for s, p in zip(samples, paths, strict=True)}}, indent=2))
     return paths

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from refrl.config import validate_config
+from refrl.files import lock_run_folder
 from refrl.train.checkpoint import latest_checkpoint
 from refrl.train.grpo_config import GRPOConfig
 
@@ -50,14 +51,18 @@ EVAL_N = 96
 
 
 def run_quickstart(out: str | Path, seed: int = 0, eval_n: int = EVAL_N) -> Path:
+    """Run every stage into ``out`` (holding its lock); returns the report's path."""
+    with lock_run_folder(out):
+        return _run_quickstart(Path(out), seed, eval_n)
+
+
+def _run_quickstart(out: Path, seed: int, eval_n: int) -> Path:
     from refrl.data.refworld import generate_refworld_to_disk
     from refrl.eval.report import write_report
     from refrl.eval.suites import eval_command
     from refrl.train.grpo import train_grpo
 
     console = Console(stderr=True)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     cfg_iterations = QUICKSTART_GRPO["iterations"]

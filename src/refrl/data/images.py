@@ -17,12 +17,17 @@ Every image in refrl is a float32 tensor (3, H, W) in [0, 1]; masks are (1, H, W
 
 JPEG photos carry their rotation in EXIF; `load_image` applies it so the tensor
 is the image a viewer shows.
+
+Images larger than `max_image_pixels()` (default `DEFAULT_MAX_IMAGE_PIXELS`, 50
+megapixels; the environment variable ``REFRL_MAX_IMAGE_PIXELS`` changes it) are refused
+from their header, before any pixel is decoded: a 12000x12000 PNG can be a few hundred
+KB on disk and needs gigabytes as a float tensor. `check_image_pixels` is the same check
+for images that arrive some other way (e.g. over HTTP).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from refrl.errors import RefrlError
+from refrl.files import atomic_writer
 
 # The colour transparent pixels are composited on (1.0 = white).
 ALPHA_BACKGROUND = 1.0
@@ -49,6 +55,8 @@ _PIL_TO_RGB_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 Size = int | tuple[int, int]
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # 50 MP (e.g. 8660x5773); 600 MB as a float32 RGB tensor
+MAX_IMAGE_PIXELS_ENV = "REFRL_MAX_IMAGE_PIXELS"
 # ImageReadError.reason for a path with no file behind it.
 MISSING_FILE = "file not found"
 
@@ -60,6 +68,23 @@ class ImageReadError(RefrlError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"image {self.path}: {reason}")
+
+
+def max_image_pixels() -> int:
+    """The largest width x height accepted: ``$REFRL_MAX_IMAGE_PIXELS`` or `DEFAULT_MAX_IMAGE_PIXELS`."""
+    from refrl.config import env_int
+
+    return env_int(MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def check_image_pixels(width: int, height: int, source: str | os.PathLike = "image") -> None:
+    """Raise ImageReadError (a RefrlError) naming ``source`` when width x height exceeds
+    `max_image_pixels()`; call it before decoding or allocating the pixels."""
+    limit = max_image_pixels()
+    if int(width) * int(height) > limit:
+        raise ImageReadError(
+            source, f"{width}x{height} = {width * height:,} pixels exceed the limit of {limit:,} pixels "
+            f"(set {MAX_IMAGE_PIXELS_ENV} to allow larger images)")
 
 
 def _min_max(arr: np.ndarray) -> np.ndarray:
@@ -168,11 +193,13 @@ def resize(image: torch.Tensor, size: Size, mode: str = IMAGE_RESIZE_MODE) -> to
 
 
 def _open_decoded(path: Path) -> Image.Image:
-    """Open and fully decode (``load()``) an image, EXIF rotation applied."""
+    """Open and fully decode (``load()``) an image, EXIF rotation applied; refuses images
+    over the pixel limit from the header, before decoding."""
     if not path.is_file():
         raise ImageReadError(path, MISSING_FILE)
     try:
         with Image.open(path) as im:
+            check_image_pixels(*im.size, source=path)
             im.load()
             return ImageOps.exif_transpose(im)
     except _DECODE_ERRORS as e:
@@ -214,15 +241,8 @@ PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
 
 
 def _save_png_atomic(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, "wb") as f:
+        image.save(f, format="PNG")
     return path
 
 

@@ -31,10 +31,12 @@ from typing import Any
 
 from PIL import Image
 
-from refrl.data.images import save_pil_png
+from refrl.data.images import check_image_pixels, save_pil_png
 from refrl.data.manifest import (
     RESERVED_KEYS,
     ValidationReport,
+    loads_bounded,
+    max_json_depth,
     resolve_image_path,
     validate_manifest,
     write_manifest,
@@ -144,11 +146,20 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
             for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        rows.append(loads_bounded(line))
                     except json.JSONDecodeError as e:
                         raise RefrlError(f"{path}:{n}: bad JSON ({e.msg})") from e
+                    except ValueError as e:
+                        raise RefrlError(f"{path}:{n}: {e}") from e
         elif suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            try:  # a list of rows: one level more than a manifest line
+                rows = loads_bounded(text, max_bytes=len(text.encode("utf-8", "surrogatepass")),
+                                     max_depth=max_json_depth() + 1)
+            except json.JSONDecodeError:
+                raise
+            except ValueError as e:
+                raise RefrlError(f"{path}: {e}") from e
             if not isinstance(rows, list):
                 raise RefrlError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
         elif suffix == ".csv":
@@ -387,6 +398,7 @@ def _to_pil_images(value: Any, base: Path | None, where: str) -> list[Image.Imag
             image = Image.open(p)
         else:
             return []
+        check_image_pixels(*image.size, source=where)
         image.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise RefrlError(f"{where}: cannot decode image: {e}") from e

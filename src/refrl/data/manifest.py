@@ -18,6 +18,11 @@ One line per sample::
 * Blank lines are ignored; line numbers in messages are the file's own (1-based).
 * Duplicate ids are an **error** (on the later line): results, rewards and eval
   tables are keyed by id, and a duplicate would silently overwrite one of them.
+  Ids must not hold control characters (NUL, newline, ...).
+* Limits, so that a hostile or broken file cannot exhaust memory or the stack: a line
+  is at most `max_line_bytes()` (default 1 MiB, ``REFRL_MAX_MANIFEST_LINE_BYTES``) and
+  its JSON nests at most `max_json_depth()` levels (default 32, ``REFRL_MAX_JSON_DEPTH``);
+  images are bounded by `refrl.data.images.max_image_pixels`.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from refrl.config import env_int
 from refrl.data.images import (
     MISSING_FILE,
     ImageReadError,
@@ -49,9 +55,15 @@ from refrl.data.schema import (
     canonical_reference_type,
 )
 from refrl.errors import RefrlError
+from refrl.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+DEFAULT_MAX_JSON_DEPTH = 32
+MAX_LINE_BYTES_ENV = "REFRL_MAX_MANIFEST_LINE_BYTES"
+MAX_JSON_DEPTH_ENV = "REFRL_MAX_JSON_DEPTH"
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 RESERVED_KEYS = ("id", "prompt", "references", "target", "mask", "category")
 REFERENCE_KEYS = ("image", "type", "name")
 # How many errors `format_report` and `read_manifest` spell out before "... and N more".
@@ -61,6 +73,47 @@ NO_CATEGORY = "(none)"
 
 class _LineError(Exception):
     """One problem with one manifest line (message without the FILE:LINE prefix)."""
+
+
+def max_line_bytes() -> int:
+    """The longest manifest line accepted (UTF-8 bytes): ``$REFRL_MAX_MANIFEST_LINE_BYTES`` or 1 MiB."""
+    return env_int(MAX_LINE_BYTES_ENV, DEFAULT_MAX_LINE_BYTES)
+
+
+def max_json_depth() -> int:
+    """The deepest nesting of a manifest line accepted: ``$REFRL_MAX_JSON_DEPTH`` or 32."""
+    return env_int(MAX_JSON_DEPTH_ENV, DEFAULT_MAX_JSON_DEPTH)
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value (a scalar is 0, ``[]`` is 1), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((child, depth) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def loads_bounded(text: str, max_bytes: int | None = None, max_depth: int | None = None) -> Any:
+    """``json.loads`` for one line of untrusted JSON; ValueError (with the limit and how to
+    change it) when it is longer than ``max_bytes`` or nested deeper than ``max_depth``."""
+    max_bytes = max_line_bytes() if max_bytes is None else max_bytes
+    max_depth = max_json_depth() if max_depth is None else max_depth
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise ValueError(f"line of {size} bytes exceeds the limit of {max_bytes} bytes (set {MAX_LINE_BYTES_ENV} to allow it)")
+    try:
+        value = json.loads(text)
+    except RecursionError:  # deeper than the interpreter's stack, so deeper than any limit
+        value, depth = None, max_depth + 1
+    else:
+        depth = json_depth(value)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested deeper than the limit of {max_depth} levels (set {MAX_JSON_DEPTH_ENV} to allow it)")
+    return value
 
 
 def resolve_image_path(manifest_dir: str | os.PathLike, rel: str) -> Path:
@@ -121,6 +174,8 @@ def _parse_sample(obj: Any, default_id: str) -> RefSample:
         sid = str(sid)
     if not isinstance(sid, str) or not sid.strip():
         raise _LineError(f"'id' must be a non-empty string or an integer, got {sid!r}")
+    if _CONTROL_CHARS.search(sid):
+        raise _LineError(f"'id' must not contain control characters (NUL, newline, ...), got {sid!r}")
     prompt = obj.get("prompt")
     if prompt is None:
         raise _LineError("missing 'prompt'")
@@ -191,6 +246,7 @@ def _scan(path: str | os.PathLike, check_files: bool, decode_images: bool) -> tu
     first_line_of: dict[str, int] = {}
     checked: dict[Path, tuple[int, int] | str] = {}  # one decode per file, many lines may share it
     sized: set[Path] = set()  # files already counted in image_sizes
+    max_bytes, max_depth = max_line_bytes(), max_json_depth()
     # split on "\n" only: str.splitlines() would also split on U+2028 inside JSON strings
     for line_no, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
@@ -199,10 +255,10 @@ def _scan(path: str | os.PathLike, check_files: bool, decode_images: bool) -> tu
         problems: list[str] = []
         sample = None
         try:
-            sample = _parse_sample(json.loads(raw), default_id=str(line_no))
+            sample = _parse_sample(loads_bounded(raw, max_bytes, max_depth), default_id=str(line_no))
         except json.JSONDecodeError as e:
             problems.append(f"bad JSON ({e.msg} at column {e.colno})")
-        except _LineError as e:
+        except (_LineError, ValueError) as e:
             problems.append(str(e))
         sizes: dict[Path, tuple[int, int]] = {}
         if sample is not None:
@@ -268,8 +324,9 @@ def _counter_line(counter: Counter, key=None) -> str:
     return ", ".join(f"{k}: {v}" for k, v in items) or "-"
 
 
-def format_report(report: ValidationReport, max_errors: int = MAX_ERRORS_SHOWN) -> str:
-    """A human summary: counts, categories, references per sample, types, image sizes, errors."""
+def format_report(report: ValidationReport, max_errors: int | None = MAX_ERRORS_SHOWN) -> str:
+    """A human summary: counts, categories, references per sample, types, image sizes, and the
+    first ``max_errors`` errors (None: all of them)."""
     status = "OK" if report.ok else "INVALID"
     lines = [f"{report.path}: {status} — {report.n_lines} lines, {report.n_valid} valid, {report.n_invalid} invalid"
              + (f" ({report.skipped} skipped)" if report.skipped else "")]
@@ -281,7 +338,7 @@ def format_report(report: ValidationReport, max_errors: int = MAX_ERRORS_SHOWN) 
     if report.errors:
         lines.append(f"  errors ({len(report.errors)}):")
         lines += [f"    {e}" for e in report.errors[:max_errors]]
-        if len(report.errors) > max_errors:
+        if max_errors is not None and len(report.errors) > max_errors:
             lines.append(f"    ... and {len(report.errors) - max_errors} more")
     return "\n".join(lines)
 
@@ -339,18 +396,7 @@ def write_manifest(path: str | os.PathLike, samples: Iterable[RefSample]) -> Pat
             lines.append(json.dumps(s.to_json(), ensure_ascii=False))
         except (ValueError, TypeError) as e:
             raise RefrlError(f"cannot write manifest {path}: {e}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, "".join(line + "\n" for line in lines), fsync=True)
 
 
 def load_sample(sample: RefSample, manifest_dir: str | os.PathLike, size: Size | None = None) -> LoadedSample:

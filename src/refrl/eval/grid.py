@@ -41,7 +41,6 @@ def make_grid(rows: Sequence[Sequence[tuple[str, torch.Tensor]]], scale: int = 3
 
 
 def save_grid(rows: Sequence[Sequence[tuple[str, torch.Tensor]]], path: str | Path, scale: int = 3) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, scale).save(path)
-    return path
+    from refrl.data.images import save_pil_png
+
+    return save_pil_png(make_grid(rows, scale), path)

@@ -269,7 +269,7 @@ def _auto_before_after(run_dir: Path, evals: Mapping[str, Mapping[str, Any]]) ->
     suite = refworld_suite(n=n, seed=int(params.get("data_seed", a["seed"])), size=int((a.get("size") or [32])[0]),
                            level=int(params.get("level", 2)), categories=params.get("categories"),
                            name=str(a["suite"]))
-    paths = [(Path(ev["_dir"]) / IMAGES_DIR / f"{it.image_id}.png") for ev in (a, b) for it in suite.items]
+    paths = [(Path(ev["_dir"]) / IMAGES_DIR / it.file_name) for ev in (a, b) for it in suite.items]
     if not all(p.is_file() for p in paths):
         return None
     before = [load_image(p) for p in paths[:n]]
@@ -395,5 +395,6 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         + "</body></html>\n"
     )
     out_path = Path(out) if out is not None else run_dir / REPORT_FILE
-    out_path.write_text(page, encoding="utf-8")
-    return out_path
+    from refrl.files import atomic_write_text
+
+    return atomic_write_text(out_path, page)

@@ -10,9 +10,10 @@ patch reward and PSNR inside / outside the mask), ``omniref`` (`refrl.eval.omnir
 and ``dreambench`` (`refrl.eval.dreambench`).
 
 The runner caches generation: each image is written to ``DIR/images/<image_id>.png``
-as soon as its batch is done, and a rerun with the same checkpoint, seed, steps, cfg
+(the id made safe by `refrl.files.safe_filename`) as soon as its batch is done, and a rerun with the same checkpoint, seed, steps, cfg
 and suite parameters (``DIR/eval_meta.json``) generates only the missing ones, so an
-interrupted eval resumes. Rewards always score the PNGs, so a resumed eval gives
+interrupted eval resumes; a cached PNG that does not decode (a torn write) is generated
+again. Rewards always score the PNGs, so a resumed eval gives
 exactly the numbers of an uninterrupted one. Outputs: ``eval.json`` (every metric
 overall, per category, per number of references and per bucket; sample counts and
 seeds), ``samples.jsonl`` (one record per image) and ``grid.png``.
@@ -21,10 +22,10 @@ seeds), ``samples.jsonl`` (one record per image) and ``grid.png``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,8 +38,11 @@ from tqdm.auto import tqdm
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.eval.scoring import MaskedPSNR, aggregate, score_images
+from refrl.files import atomic_write_text, lock_run_folder, safe_filename
 from refrl.models.policy import Policy
 from refrl.rewards.base import Reward
+
+log = logging.getLogger(__name__)
 
 SUITE_NAMES = ("refworld", "omniref", "dreambench", "refine")
 DEFAULT_N = {"refworld": 96, "refine": 48}
@@ -73,6 +77,11 @@ class EvalItem:
     @property
     def scored(self) -> LoadedSample:
         return self.score_sample if self.score_sample is not None else self.sample
+
+    @property
+    def file_name(self) -> str:
+        """``<image_id>.png``, the id made safe to use as a file name (ids come from data)."""
+        return f"{safe_filename(self.image_id)}.png"
 
 
 @dataclass
@@ -203,9 +212,9 @@ def build_suite(name: str, *, seed: int = 0, n: int | None = None, limit: int | 
         if data is not None:
             raise RefrlError(f"suite {name!r} is generated in memory; it takes no --data")
         if name == "refine":
-            return refine_suite(n or DEFAULT_N[name], seed, limit, size)
+            return refine_suite(DEFAULT_N[name] if n is None else n, seed, limit, size)
         chosen = {k: v for k, v in (("split", split), ("level", level)) if v is not None}
-        return refworld_suite(n or DEFAULT_N[name], seed, limit, size, **chosen)
+        return refworld_suite(DEFAULT_N[name] if n is None else n, seed, limit, size, **chosen)
     if name == "omniref":
         from refrl.eval.omniref import omniref_suite
 
@@ -249,13 +258,6 @@ def json_clean(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _check_meta(out: Path, meta: dict[str, Any], force: bool) -> None:
     """Refuse to mix images of different generation settings in one folder (``--force`` starts over)."""
     path = out / META_FILE
@@ -287,7 +289,7 @@ def _generate_missing(policy: Policy, suite: Suite, images_dir: Path, missing: l
             images = sample_ode(policy, [it.sample for it in chunk], steps=steps, cfg_scale=cfg, shift=shift,
                                 seed=seed, indices=[it.noise_index for it in chunk], size=suite.size)
             for it, im in zip(chunk, images, strict=True):
-                save_image(im, images_dir / f"{it.image_id}.png")
+                save_image(im, images_dir / it.file_name)
             bar.update(len(chunk))
 
 
@@ -324,27 +326,49 @@ def run_eval(
     """Generate the suite's missing images, score every image, write eval.json / samples.jsonl / grid.png.
 
     ``policy`` may be a zero-argument loader, called only when some image is missing.
-    Returns the eval.json contents.
+    Holds the lock of ``out_dir`` (`refrl.files.lock_run_folder`). Returns the eval.json contents.
     """
-    from refrl.data.images import load_image
-    from refrl.eval.grid import save_grid
-
     if batch_size < 1:
         raise RefrlError(f"batch_size must be >= 1, got {batch_size}")
     ids = [it.image_id for it in suite.items]
     if len(set(ids)) != len(ids):
         raise RefrlError(f"suite {suite.name!r} has duplicate image ids; every image needs its own id")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_run_folder(out_dir):
+        return _run_eval(policy, suite, Path(out_dir), metrics=metrics, ckpt=ckpt, ckpt_stamp=ckpt_stamp, seed=seed,
+                         steps=steps, cfg=cfg, shift=shift, batch_size=batch_size, force=force, progress=progress,
+                         reward_names=reward_names, reward_options=reward_options)
+
+
+def _cached(images_dir: Path, item: EvalItem) -> bool:
+    """Whether the item's PNG is there and decodes; a torn or corrupt one is deleted (and regenerated)."""
+    from refrl.data.images import ImageReadError, read_image_size
+
+    path = images_dir / item.file_name
+    if not path.is_file():
+        return False
+    try:
+        read_image_size(path)
+    except ImageReadError as e:
+        log.warning("regenerating %s: %s", path, e.reason)
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _run_eval(policy, suite: Suite, out: Path, *, metrics, ckpt, ckpt_stamp, seed, steps, cfg, shift, batch_size,
+              force, progress, reward_names, reward_options) -> dict[str, Any]:
+    from refrl.data.images import load_image
+    from refrl.eval.grid import save_grid
+
     images_dir = out / IMAGES_DIR
     meta = json_clean({"suite": suite.name, "ckpt": str(ckpt), **dict(ckpt_stamp or {}), "seed": seed, "steps": steps,
                        "cfg": cfg, "shift": shift, "size": list(suite.size), "params": suite.params})
     _check_meta(out, meta, force)
     images_dir.mkdir(exist_ok=True)
-    _write_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
 
     t0 = time.perf_counter()
-    missing = [it for it in suite.items if not (images_dir / f"{it.image_id}.png").is_file()]
+    missing = [it for it in suite.items if not _cached(images_dir, it)]
     if missing:
         loaded = policy() if callable(policy) and not hasattr(policy, "velocity") else policy
         _generate_missing(loaded, suite, images_dir, missing, seed, steps, cfg, shift, batch_size, progress)
@@ -354,7 +378,7 @@ def run_eval(
     first_images: list[torch.Tensor] = []
     for start in range(0, len(suite.items), batch_size):
         chunk = suite.items[start : start + batch_size]
-        images = torch.stack([load_image(images_dir / f"{it.image_id}.png") for it in chunk])
+        images = torch.stack([load_image(images_dir / it.file_name) for it in chunk])
         recs = score_images(images, [it.scored for it in chunk], metrics)
         for it, rec in zip(chunk, recs, strict=True):
             records.append({"image_id": it.image_id, **rec, "seed": seed, "noise_index": it.noise_index,
@@ -383,8 +407,8 @@ def run_eval(
         "metrics": aggregate(records, names, group_keys=suite.group_keys),
         "seconds": {"generate": round(t_generate, 3), "score": round(t_score, 3)},
     }
-    _write_atomic(out / SAMPLES_FILE, "".join(json.dumps(json_clean(r)) + "\n" for r in records))
-    _write_atomic(out / EVAL_FILE, json.dumps(json_clean(result), indent=2) + "\n")
+    atomic_write_text(out / SAMPLES_FILE, "".join(json.dumps(json_clean(r)) + "\n" for r in records))
+    atomic_write_text(out / EVAL_FILE, json.dumps(json_clean(result), indent=2) + "\n")
     save_grid(_grid_rows(suite.items[:GRID_ROWS], first_images), out / GRID_FILE)
     return result
 
@@ -399,17 +423,21 @@ def eval_command(
     """``refrl eval``: load the checkpoint, build the suite and its metrics, run the eval."""
     from refrl.models.build import load_policy
 
+    if suite_name not in SUITE_NAMES:
+        raise RefrlError(f"unknown suite {suite_name!r}; allowed: {', '.join(SUITE_NAMES)}")
     stamp = checkpoint_stamp(ckpt)
-    policy = load_policy(ckpt)
-    if hasattr(policy, "eval"):  # nn.Module policies: no train-mode randomness while sampling
-        policy.eval()
-    suite = build_suite(suite_name, seed=seed, n=n, limit=limit, size=size or policy_image_size(policy),
-                        data=data, root=root, split=split, level=level)
-    names = parse_metric_specs(rewards) if rewards else dict(suite.metrics)
-    options = {m: dict(o) for m, o in suite.reward_options.items() if m in names}
-    for metric, opts in parse_reward_options(reward_options, list(names)).items():
-        options.setdefault(metric, {}).update(opts)
-    metrics = build_metrics(names, options)
-    return run_eval(policy, suite, out, metrics=metrics, ckpt=ckpt, ckpt_stamp=stamp, seed=seed, steps=steps,
-                    cfg=cfg, shift=shift, batch_size=batch_size, force=force, reward_names=names,
-                    reward_options=options)
+    # the lock before loading: a busy --out is refused at once, not after minutes of loading
+    with lock_run_folder(out):
+        policy = load_policy(ckpt)
+        if hasattr(policy, "eval"):  # nn.Module policies: no train-mode randomness while sampling
+            policy.eval()
+        suite = build_suite(suite_name, seed=seed, n=n, limit=limit, size=size or policy_image_size(policy),
+                            data=data, root=root, split=split, level=level)
+        names = parse_metric_specs(rewards) if rewards else dict(suite.metrics)
+        options = {m: dict(o) for m, o in suite.reward_options.items() if m in names}
+        for metric, opts in parse_reward_options(reward_options, list(names)).items():
+            options.setdefault(metric, {}).update(opts)
+        metrics = build_metrics(names, options)
+        return run_eval(policy, suite, out, metrics=metrics, ckpt=ckpt, ckpt_stamp=stamp, seed=seed, steps=steps,
+                        cfg=cfg, shift=shift, batch_size=batch_size, force=force, reward_names=names,
+                        reward_options=options)

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from refrl.config import StrictModel
-from refrl.errors import RefrlError
+from refrl.errors import ConfigError, RefrlError
 from refrl.models.diffusers.options import DIFFUSERS_KINDS, DiffusersOptions
 from refrl.models.policy import Policy
 
@@ -102,6 +102,17 @@ def load_policy(name_or_path: str | Path) -> Policy:
     return TinyDiTPolicy.from_pretrained(folder)
 
 
+def check_image_size(policy: Policy, size: int, key: str = "data.size") -> None:
+    """Refuse, naming ``key``, an image size the policy cannot generate at: the tiny DiT
+    needs a multiple of its patch size (diffusers adapters resize to their own resolution)."""
+    from refrl.models.tiny_dit_policy import TinyDiTPolicy
+
+    if isinstance(policy, TinyDiTPolicy) and size % policy.config.patch:
+        patch = policy.config.patch
+        raise ConfigError(f"config key '{key}': {size} is not a multiple of the model's patch size {patch} "
+                          f"(allowed: {patch}, {2 * patch}, ..., e.g. {patch * max(1, round(size / patch))})")
+
+
 def _index_word_ids(tok, n: int) -> list[int]:
     """Token ids of "1".."n", how prompts name the references ("image 2"); -1 for a number not in the vocabulary."""
     return [tok.word_to_id.get(str(i + 1), -1) for i in range(n)]
@@ -123,13 +134,16 @@ def build_policy(cfg: ModelConfig) -> Policy:
         policy.use_ref_cache = cfg.use_ref_cache
     else:
         tok = WordTokenizer.from_words(WORDS)
-        arch = TinyDiTConfig(
-            vocab_size=tok.vocab_size, image_size=cfg.image_size, patch=cfg.patch, ref_size=cfg.ref_size,
-            ref_patch=cfg.ref_patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-            max_refs=cfg.max_refs, max_text_len=cfg.max_text_len, use_ref_cache=cfg.use_ref_cache,
-            prediction=cfg.prediction,
-            index_word_ids=_index_word_ids(tok, cfg.max_refs) if cfg.tie_index_words else None,
-        )
+        try:
+            arch = TinyDiTConfig(
+                vocab_size=tok.vocab_size, image_size=cfg.image_size, patch=cfg.patch, ref_size=cfg.ref_size,
+                ref_patch=cfg.ref_patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+                max_refs=cfg.max_refs, max_text_len=cfg.max_text_len, use_ref_cache=cfg.use_ref_cache,
+                prediction=cfg.prediction,
+                index_word_ids=_index_word_ids(tok, cfg.max_refs) if cfg.tie_index_words else None,
+            )
+        except ValueError as e:  # the architecture's own checks (sizes that do not divide, ...)
+            raise ConfigError(f"config section 'model': {e}".replace("TinyDiTConfig.", "model.")) from None
         policy = TinyDiTPolicy(tok, arch)
     if cfg.lora_rank > 0:
         policy.enable_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank,

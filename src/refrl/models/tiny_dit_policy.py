@@ -23,11 +23,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from refrl.data.schema import REFERENCE_TYPES, LoadedSample, canonical_reference_type
 from refrl.errors import RefrlError
+from refrl.files import save_safetensors
 from refrl.models.inputs import drop_flags, resize_square
 from refrl.models.tiny_dit import ConditionInputs, TinyDiT, TinyDiTCondition, TinyDiTConfig
 from refrl.models.tokenizer import WordTokenizer
@@ -200,13 +201,13 @@ class TinyDiTPolicy(nn.Module):
     def save_pretrained(self, directory: str | Path, merge_lora: bool = True) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.base_state_dict(merge_lora), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(self.base_state_dict(merge_lora), directory / WEIGHTS_NAME, metadata={"format": "pt"})
         (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
         self.tokenizer.save(directory / TOKENIZER_NAME)
         for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):  # never leave a stale adapter behind
             (directory / name).unlink(missing_ok=True)
         if self.has_lora and not merge_lora:
-            save_file(self.adapter_state_dict(), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+            save_safetensors(self.adapter_state_dict(), directory / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
             (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(self.lora_config, indent=2) + "\n")
 
     @classmethod

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from refrl.errors import RefrlError
+from refrl.files import save_safetensors
 
 STEP_PREFIX = "step-"
 
@@ -72,15 +73,15 @@ def save_checkpoint(
     tmp.mkdir()
     save_policy(tmp / "policy")
     if ema_state is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
+        save_safetensors({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
     if trainable is not None:  # the raw (non-EMA) trainable weights, for exact resume
-        save_file({k: p.detach().contiguous().cpu() for k, p in trainable.items()}, str(tmp / "trainable.safetensors"))
+        save_safetensors({k: p.detach().contiguous().cpu() for k, p in trainable.items()}, tmp / "trainable.safetensors")
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    if keep_last:
+    if keep_last and keep_last > 0:  # 0 or None: keep every checkpoint
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final

@@ -23,7 +23,7 @@ class DataConfig(StrictModel):
     source: Literal["refworld", "manifest"] = "refworld"
     manifest: str | None = Field(None, description="JSONL manifest when source=manifest")
     split: Literal["train", "val", "test"] = "train"
-    size: int = 32
+    size: int = Field(32, ge=1, description="image size the samples are rendered / resized to")
     categories: list[str] | None = None
     max_refs: int = Field(7, ge=1, le=8)
     # (fraction of training done, RefWorld level): simple solid-colour scenes first,
@@ -43,7 +43,9 @@ class DataConfig(StrictModel):
 class SampleSource:
     """Deterministic batches of `LoadedSample` for step ``s``."""
 
-    def __init__(self, cfg: DataConfig, seed: int, total_steps: int):
+    def __init__(self, cfg: DataConfig, seed: int, total_steps: int, need_target: str | None = None):
+        """``need_target``: why every sample needs a target (then a manifest sample without
+        one is an error naming it), or None."""
         self.cfg = cfg
         self.seed = seed
         self.total_steps = max(1, total_steps)
@@ -57,6 +59,10 @@ class SampleSource:
             self._samples = load_manifest(Path(cfg.manifest), size=cfg.size)
             if not self._samples:
                 raise RefrlError(f"{cfg.manifest}: no valid samples")
+            lacking = [s.id for s in self._samples if s.target is None]
+            if need_target and lacking:
+                raise RefrlError(f"{cfg.manifest}: {len(lacking)} of {len(self._samples)} samples have no 'target' "
+                                 f"(first: {lacking[0]!r}); {need_target}")
 
     def level_at(self, step: int) -> int:
         frac = step / self.total_steps

@@ -20,6 +20,7 @@ One iteration:
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -27,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from refrl.config import dump_config
 from refrl.errors import RefrlError
-from refrl.models.build import build_policy
+from refrl.files import lock_run_folder, save_safetensors
+from refrl.models.build import build_policy, check_image_size
 from refrl.rewards import build as build_reward
 from refrl.sampling.rollout import choose_sde_steps, encode_for_guidance, rollout_sde
 from refrl.sampling.schedules import sigma_schedule
@@ -51,7 +52,7 @@ from refrl.train.ema import EMA
 from refrl.train.grpo_config import GRPOConfig
 from refrl.train.objectives import build_objective
 from refrl.train.optim import build_optimizer
-from refrl.train.run import MetricsWriter, seeded_generator
+from refrl.train.run import MetricsWriter, seed_everything, seeded_generator
 
 ON_POLICY_HELP = (
     "sampling and training disagree before any update. Usual causes: dropout or other "
@@ -83,8 +84,9 @@ class GRPOTrainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out_dir / "config.yaml")
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)
         self.policy = build_policy(cfg.model)
+        check_image_size(self.policy, cfg.data.size)
         self.policy.eval()  # no train-mode randomness anywhere: the on-policy ratio must be 1
         self.named = [(f"p{i}", p) for i, p in enumerate(self.policy.trainable_parameters())]
         self.params = [p for _, p in self.named]
@@ -277,8 +279,8 @@ class GRPOTrainer:
         if cfg.save_rollouts and self.dist.is_main:
             folder = self.out_dir / "rollouts"
             folder.mkdir(exist_ok=True)
-            save_file({"advantages": res.advantages, "loss_weights": res.loss_weights, "images": ro["images"],
-                       **{f"reward/{k}": v for k, v in ro["scores"].items()}}, str(folder / f"iter-{it + 1}.safetensors"))
+            save_safetensors({"advantages": res.advantages, "loss_weights": res.loss_weights, "images": ro["images"],
+                              **{f"reward/{k}": v for k, v in ro["scores"].items()}}, folder / f"iter-{it + 1}.safetensors")
         t1 = time.perf_counter()
         train_stats = self.train_on(it, ro, res.advantages, res.loss_weights)
         self.objective.after_iteration(it)
@@ -300,7 +302,7 @@ class GRPOTrainer:
 
     def run(self) -> Path | None:
         cfg = self.cfg
-        metrics = MetricsWriter(self.out_dir / "metrics.jsonl", truncate_after_step=self.start if self.start else None) \
+        metrics = MetricsWriter(self.out_dir / "metrics.jsonl", truncate_after_step=self.start) \
             if self.dist.is_main else None
         interrupted = {"flag": False}
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
@@ -332,5 +334,9 @@ class GRPOTrainer:
 
 
 def train_grpo(cfg: GRPOConfig, out_dir: str | Path, resume: bool = False) -> Path | None:
-    """Run RL (``cfg.objective``: grpo, nft or awm) into ``out_dir``; returns the last checkpoint."""
-    return GRPOTrainer(cfg, out_dir, resume=resume).run()
+    """Run RL (``cfg.objective``: grpo, nft or awm) into ``out_dir``; returns the last checkpoint. The main
+    process holds the run folder's lock (`refrl.files.lock_run_folder`) for the whole run."""
+    # under accelerate only the main process (RANK 0) writes into the run folder
+    main = int(os.environ.get("RANK", "0")) == 0
+    with lock_run_folder(out_dir) if main else nullcontext():
+        return GRPOTrainer(cfg, out_dir, resume=resume).run()

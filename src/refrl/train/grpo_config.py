@@ -127,9 +127,9 @@ class GRPOConfig(StrictModel):
     on_policy_check: bool = Field(
         True, description="ratio must be 1 on the first minibatch after a rollout (not enforced with matching.old_policy=ema)"
     )
-    on_policy_tol: float = 1e-5
-    checkpoint_every: int = 10
-    keep_last: int = 2
+    on_policy_tol: float = Field(1e-5, ge=0)
+    checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
+    keep_last: int = Field(2, ge=0, description="checkpoints kept (0 = all)")
     trackers: list[Literal["tensorboard", "wandb"]] = []
     save_rollouts: bool = Field(False, description="write rewards and advantages of every iteration to rollouts/")
     model: ModelConfig = ModelConfig(init="tiny-sft")

@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from refrl.errors import RefrlError
+from refrl.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def parse_metrics(text: str, source: str) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` text. A last line that does not parse is dropped:
+    it is a write the process died in the middle of. A bad line anywhere else is an error."""
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            if i == len(lines) - 1:
+                log.warning("%s:%d: dropped a torn last line (the run was killed while writing it)", source, n)
+                break
+            raise RefrlError(f"{source}:{n}: not a JSON line; repair or delete that line") from None
+        if not isinstance(record, dict):
+            raise RefrlError(f"{source}:{n}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
 
 
 class MetricsWriter:
@@ -17,14 +44,11 @@ class MetricsWriter:
     def __init__(self, path: str | Path, truncate_after_step: int | None = None):
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
-            # On resume, drop lines logged after the checkpoint so the file reads as
-            # one uninterrupted run.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step
-            ]
-            self.path.write_text("".join(k + "\n" for k in kept))
+            # Lines logged after the checkpoint a run starts from are redone, so the file
+            # reads as one uninterrupted run (every step once).
+            kept = [r for r in parse_metrics(self.path.read_text(), str(self.path))
+                    if r.get("step", 0) <= truncate_after_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -40,7 +64,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(path.read_text(), str(path))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs a run may draw from: torch, Python's ``random`` and NumPy."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
 
 
 def seeded_generator(*seeds: int) -> torch.Generator:

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from refrl.config import StrictModel, dump_config
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.models.build import ModelConfig, build_policy
+from refrl.files import lock_run_folder
+from refrl.models.build import ModelConfig, build_policy, check_image_size
 from refrl.train.checkpoint import (
     init_fingerprint,
     latest_checkpoint,
@@ -39,12 +40,12 @@ from refrl.train.checkpoint import (
 from refrl.train.data import DataConfig, SampleSource
 from refrl.train.ema import EMA
 from refrl.train.optim import OptimConfig, build_optimizer
-from refrl.train.run import MetricsWriter, Timer, seeded_generator
+from refrl.train.run import MetricsWriter, Timer, seed_everything, seeded_generator
 
 
 class SFTConfig(StrictModel):
     seed: int = 0
-    steps: int = 3000
+    steps: int = Field(3000, ge=1)
     batch_size: int = Field(32, ge=1, description="conditions per step")
     noise_per_condition: int = Field(4, ge=1, description="noise draws per encoded condition")
     sigma_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
@@ -59,10 +60,10 @@ class SFTConfig(StrictModel):
     x0_weight_floor: float = Field(0.05, gt=0, le=1, description="x0 weighting uses max(sigma, floor)^2")
     mask_loss: Literal["none", "weighted", "only"] = "weighted"
     mask_weight: float = Field(4.0, ge=0, description="extra loss weight inside the mask (OmniRefiner)")
-    ema_decay: float = 0.999
-    checkpoint_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    keep_last: int = Field(2, ge=0, description="checkpoints kept (0 = all)")
+    log_every: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -118,28 +119,37 @@ def _stack_masks(samples: list[LoadedSample], shape: tuple[int, ...]) -> torch.T
 
 
 def train_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> Path:
-    """Run SFT into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/). Returns the final checkpoint."""
-    out_dir = Path(out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    if out_dir.exists() and latest_checkpoint(ckpt_root) is not None and not resume:
-        raise RefrlError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % (2**32))
+    """Run SFT into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/). Returns the final checkpoint.
 
+    Holds the run folder's lock (`refrl.files.lock_run_folder`) for the whole run.
+    """
+    with lock_run_folder(out_dir):
+        return _train_sft(cfg, Path(out_dir), resume)
+
+
+def _train_sft(cfg: SFTConfig, out_dir: Path, resume: bool) -> Path:
+    ckpt_root = out_dir / "checkpoints"
+    last = latest_checkpoint(ckpt_root)
+    if last is not None and not resume:
+        raise RefrlError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
+    if last is None and resume:
+        raise RefrlError(f"--resume: no checkpoint under {ckpt_root}")
+    seed_everything(cfg.seed)
     policy = build_policy(cfg.model)
+    check_image_size(policy, cfg.data.size)
     policy.train()
     named = [(f"p{i}", p) for i, p in enumerate(policy.trainable_parameters())]
     optimizer, scheduler = build_optimizer([p for _, p in named], cfg.optim, cfg.steps)
     ema = EMA(named, cfg.ema_decay)
-    source = SampleSource(cfg.data, seed=cfg.seed, total_steps=cfg.steps)
+    source = SampleSource(cfg.data, seed=cfg.seed, total_steps=cfg.steps, need_target="SFT trains on the targets")
+    dump_config(cfg, out_dir / "config.yaml")  # once the model and the data are known to load
 
     start = 0
     init_sha = init_fingerprint(cfg.model.init)
     if resume:
         start = resume_training(ckpt_root, named, optimizer, scheduler, ema, init_sha, cfg.model.init, out_dir)
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", truncate_after_step=start if resume else None)
+    # lines after the checkpoint (all of them in a fresh run) are redone, so every step is logged once
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", truncate_after_step=start)
 
     def checkpoint(step: int) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}

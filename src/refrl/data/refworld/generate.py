@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from refrl.data.refworld.world import DEFAULT_LEVEL, RefWorld, sample_rng
 from refrl.data.schema import LoadedSample, Reference, RefSample
 from refrl.errors import RefrlError
+from refrl.files import atomic_write_text
 
 PROGRESS_MIN_SAMPLES = 500  # show a progress bar from this many samples on
 IN_MEMORY_ONLY_KEYS = ("subject_masks",)
@@ -79,14 +79,7 @@ def write_sample(sample: LoadedSample, out_dir: Path, split: str) -> RefSample:
 
 
 def _write_lines_atomic(path: Path, lines: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def generate_refworld_to_disk(

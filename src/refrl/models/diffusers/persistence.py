@@ -27,7 +27,7 @@ FORMAT = "refrl-diffusers-policy"
 def save_policy(policy: DiffusersPolicy, directory: str | Path) -> None:
     """``config.json`` (kind, base model, model config, LoRA configs) + LoRA weights; a full
     fine-tune also writes ``transformer/``. The base weights stay where ``pretrained`` says."""
-    from safetensors.torch import save_file
+    from refrl.files import save_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -39,9 +39,9 @@ def save_policy(policy: DiffusersPolicy, directory: str | Path) -> None:
     if pretrained and Path(pretrained).expanduser().is_dir():
         model["pretrained"] = str(Path(pretrained).expanduser().resolve())
     for i, (_, state) in enumerate(policy.merged_adapters):
-        save_file(state, str(directory / MERGED_WEIGHTS_NAME.format(i)), metadata={"format": "pt"})
+        save_safetensors(state, directory / MERGED_WEIGHTS_NAME.format(i), metadata={"format": "pt"})
     if policy.has_lora:
-        save_file(policy.adapter_state_dict(), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(policy.adapter_state_dict(), directory / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
     if policy.full_finetune:
         policy.transformer.save_pretrained(directory / TRANSFORMER_DIR, safe_serialization=True)
     info = {"format": FORMAT, "kind": policy.kind, "pretrained": model.get("pretrained"), "model": model,

@@ -16,7 +16,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from refrl.files import save_safetensors
 
 DEFAULT_MEMORY_ITEMS = 512  # samples kept in memory (RefWorld prompts rarely repeat)
 
@@ -60,7 +62,7 @@ class TextEmbeddingCache:
         self._remember(key, value)
         if self.folder is not None and not self._path(key).is_file():
             tmp = self._path(key).with_suffix(".tmp")
-            save_file(value, str(tmp))
+            save_safetensors(value, tmp)
             tmp.replace(self._path(key))
 
     def _remember(self, key: str, value: dict[str, torch.Tensor]) -> None:
