@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from refrl.config import load_config
 from refrl.models.tiny_dit_policy import TinyDiTPolicy
 from refrl.train.checkpoint import latest_checkpoint
-from refrl.train.grpo import GRPOTrainer, OnPolicyError, train_grpo
+from refrl.train.grpo import GRPOTrainer, train_grpo
 from refrl.train.grpo_config import GRPOConfig
 
 
@@ -60,19 +60,6 @@ def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, brightness_rewar
     train_grpo(cfg, run)
     means = [r["reward/brightness"] for r in metrics(run)]
     assert sign * (means[-1] - means[0]) > 0.1, means
-
-
-def test_on_policy_guard_stops_a_mismatched_run(tmp_path, tiny_policy_dir, monkeypatch):
-    trainer = GRPOTrainer(grpo_cfg(tiny_policy_dir, "iterations=1"), tmp_path / "run")
-    real = trainer.policy.velocity
-
-    def noisy_when_training(x, sigma, cond):  # e.g. dropout active only with gradients on
-        v = real(x, sigma, cond)
-        return v + 1e-2 * torch.randn_like(v) if torch.is_grad_enabled() else v
-
-    monkeypatch.setattr(trainer.policy, "velocity", noisy_when_training)
-    with pytest.raises(OnPolicyError, match="dropout"):
-        trainer.run()
 
 
 def test_exact_resume(tmp_path, tiny_policy_dir):

@@ -210,9 +210,10 @@ def test_ratio_is_one_on_the_first_minibatch_only(tmp_path, tiny_policy_dir, obj
     assert info["kind"] == objective
 
 
-@pytest.mark.parametrize("objective", ["nft", "awm"])
-def test_on_policy_guard_stops_a_mismatched_matching_run(tmp_path, tiny_policy_dir, monkeypatch, objective):
-    trainer = GRPOTrainer(rl_cfg(tiny_policy_dir, objective, "iterations=1"), tmp_path / "run")
+@pytest.mark.parametrize("objective", ["grpo", "nft", "awm"])
+def test_on_policy_guard_stops_a_mismatched_run(tmp_path, tiny_policy_dir, monkeypatch, objective):
+    extra = ["sampling.sde_steps=all"] if objective == "grpo" else []  # GRPO trains SDE steps
+    trainer = GRPOTrainer(rl_cfg(tiny_policy_dir, objective, "iterations=1", *extra), tmp_path / "run")
     real = trainer.policy.velocity
 
     def noisy_when_training(x, sigma, cond):  # e.g. dropout active only with gradients on
