@@ -262,6 +262,14 @@ class GRPOTrainer:
         return {"loss": mean(stats["loss"]), "kl": mean(stats["kl"]), "ratio_first": ratio_first,
                 "ratio_mean": mean(stats["ratio_mean"]), "ratio_max": max(stats["ratio_max"], default=1.0), **extra}
 
+    def advantages(self, ro: dict[str, Any]):
+        """Advantages and loss weights of a scored rollout (`compute_advantages` with the config's shaping)."""
+        cfg = self.cfg
+        group_ids = torch.arange(cfg.groups_per_iteration).repeat_interleave(cfg.group_size)
+        n_refs = torch.tensor([s.n_refs for s in ro["groups"] for _ in range(cfg.group_size)])
+        return compute_advantages(ro["scores"], ro["extras"], self.weights, group_ids, n_refs,
+                                  self.objective.advantage_steps(ro), cfg.sampling.steps, cfg.advantage)
+
     def iteration(self, it: int) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -272,10 +280,7 @@ class GRPOTrainer:
         self.objective.prepare(it, ro)  # before any update: v_old is the rollout policy's
         t_prepare = time.perf_counter() - t1
         n = cfg.groups_per_iteration * cfg.group_size
-        group_ids = torch.arange(cfg.groups_per_iteration).repeat_interleave(cfg.group_size)
-        n_refs = torch.tensor([s.n_refs for s in ro["groups"] for _ in range(cfg.group_size)])
-        res = compute_advantages(ro["scores"], ro["extras"], self.weights, group_ids, n_refs,
-                                 self.objective.advantage_steps(ro), cfg.sampling.steps, cfg.advantage)
+        res = self.advantages(ro)
         if cfg.save_rollouts and self.dist.is_main:
             folder = self.out_dir / "rollouts"
             folder.mkdir(exist_ok=True)

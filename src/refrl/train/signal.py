@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from refrl.train.advantages import compute_advantages
 from refrl.train.grpo import GRPOTrainer
 
 
@@ -83,7 +82,6 @@ def measure_signal(trainer: GRPOTrainer, iterations: int = 3) -> dict[str, Any]:
     cfg = trainer.cfg
     if cfg.groups_per_iteration < 2:
         raise ValueError("the half-batch check needs groups_per_iteration >= 2")
-    group_ids = torch.arange(cfg.groups_per_iteration).repeat_interleave(cfg.group_size)
     cosines: list[float] = []
     shares: dict[str, list[float]] = {name: [] for name in trainer.rewards}
     for it in range(iterations):
@@ -92,9 +90,7 @@ def measure_signal(trainer: GRPOTrainer, iterations: int = 3) -> dict[str, Any]:
             # an ODE rollout (nft/awm with sampling.sde_steps=none) has no trained step to re-roll: share NaN
             again = trainer.rollout(it, step_noise_stream=102) if ro["sde_steps"] else None
         trainer.objective.prepare(it, ro)
-        n_refs = torch.tensor([s.n_refs for s in ro["groups"] for _ in range(cfg.group_size)])
-        res = compute_advantages(ro["scores"], ro["extras"], trainer.weights, group_ids, n_refs,
-                                 trainer.objective.advantage_steps(ro), cfg.sampling.steps, cfg.advantage)
+        res = trainer.advantages(ro)
         first, second = half_gradients(trainer, ro, res.advantages, res.loss_weights)
         cosines.append(cosine(first, second))
         for name in trainer.rewards:
