@@ -90,8 +90,8 @@ def placed_subject_score(
     sim_full: float = SIM_FULL,
     sim_floor: float = SIM_FLOOR,
     **agreement: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q,) ``max_w e(sim_w)·A(box_w)`` over the coarse windows of every size, and (Q, 4) the best window's box.
+) -> torch.Tensor:
+    """(Q,) ``max_w e(sim_w)·A(box_w)`` over the coarse windows of every size.
 
     ``maps[s]`` (Q, h, w) is the detector's similarity of the window whose subject
     (longest side ``s``) has its top-left corner at image pixel (2i, 2j); ``aspect``
@@ -99,19 +99,16 @@ def placed_subject_score(
     """
     n_q = instructed.shape[0]
     best = torch.zeros(n_q)
-    best_box = torch.zeros(n_q, 4)
     for s, sim in maps.items():
         h, w = sim.shape[-2:]
         ys = (torch.arange(h, dtype=torch.float32) * 2).view(1, h, 1).expand(n_q, h, w)
         xs = (torch.arange(w, dtype=torch.float32) * 2).view(1, 1, w).expand(n_q, h, w)
         bw, bh = (s * aspect[:, 0]).view(n_q, 1, 1), (s * aspect[:, 1]).view(n_q, 1, 1)
         boxes = torch.stack([xs + (s - bw) / 2, ys + (s - bh) / 2, xs + (s + bw) / 2, ys + (s + bh) / 2], dim=-1)
-        score = identity_evidence(sim, sim_full, sim_floor) * box_agreement(boxes, instructed.view(n_q, 1, 1, 4), canvas, **agreement)
-        value, flat = score.flatten(1).max(dim=1)
-        better = value > best
-        best = torch.where(better, value, best)
-        best_box = torch.where(better[:, None], boxes.flatten(1, 2)[torch.arange(n_q), flat], best_box)
-    return best, best_box
+        placed = box_agreement(boxes, instructed.view(n_q, 1, 1, 4), canvas, **agreement)
+        score = identity_evidence(sim, sim_full, sim_floor) * placed
+        best = torch.maximum(best, score.flatten(1).amax(dim=1))
+    return best
 
 
 class LayoutReward(SubjectDetectorReward):
@@ -164,8 +161,8 @@ class LayoutReward(SubjectDetectorReward):
         found = detect(binomial_blur(images.float()) if self.blur else images, queries, self.config, keep_maps=True)
         if queries:
             aspect = torch.tensor([t.aspect for _, t in queries], dtype=torch.float32)
-            per_subject, _ = placed_subject_score(found.maps, aspect, instructed, canvas, self.sim_full,
-                                                           self.sim_floor, **self.agreement)
+            per_subject = placed_subject_score(found.maps, aspect, instructed, canvas, self.sim_full, self.sim_floor,
+                                               **self.agreement)
         else:
             per_subject = torch.zeros(0)
         mean, low, count = per_sample_stats(per_subject, owner_t, len(samples))
