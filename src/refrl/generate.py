@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.eval.grid import save_grid
+from refrl.eval.grid import sample_row, save_grid
 from refrl.files import atomic_write_text, lock_run_folder, safe_filename
 from refrl.models.build import load_policy
 from refrl.sampling.rollout import sample_ode
@@ -58,13 +58,7 @@ def _generate(ckpt: str, samples: list[LoadedSample], out_dir: Path, steps: int,
             save_image(im, p)
             paths.append(p)
             outputs.append(im)
-    rows = []
-    for s, im in list(zip(samples, outputs, strict=True))[:16]:
-        row = [(f"{i + 1}:{t}", r) for i, (r, t) in enumerate(zip(s.ref_images, s.ref_types, strict=True))]
-        row.append(("output", im))
-        if s.target is not None:
-            row.append(("target", s.target))
-        rows.append(row)
+    rows = [sample_row(s, [("output", im)], s.target) for s, im in list(zip(samples, outputs, strict=True))[:16]]
     save_grid(rows, out_dir / "grid.png")
     atomic_write_text(out_dir / "generate.json", json.dumps(
         {"ckpt": str(ckpt), "steps": steps, "cfg": cfg_scale, "seed": seed, "n": len(samples),

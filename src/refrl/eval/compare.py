@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from refrl.errors import RefrlError
-from refrl.eval.grid import save_grid
+from refrl.eval.grid import sample_row, save_grid
 
 
 def compare_grid(
@@ -48,11 +48,6 @@ def compare_grid(
         policy = load_policy(ckpt)
         policy.eval()
         outputs.append(sample_ode(policy, samples, steps=steps, cfg_scale=cfg_scale, seed=seed))
-    rows = []
-    for i, s in enumerate(samples):
-        row = [(f"{k + 1}:{t}", r) for k, (r, t) in enumerate(zip(s.ref_images, s.ref_types, strict=True))]
-        row += [(label, images[i]) for label, images in zip(labels, outputs, strict=True)]
-        if s.target is not None:
-            row.append(("target", s.target))
-        rows.append(row)
+    rows = [sample_row(s, [(label, images[i]) for label, images in zip(labels, outputs, strict=True)], s.target)
+            for i, s in enumerate(samples)]
     return save_grid(rows, out, scale=scale)

@@ -18,6 +18,17 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
+def sample_row(
+    sample, outputs: Sequence[tuple[str, torch.Tensor]], target: torch.Tensor | None
+) -> list[tuple[str, torch.Tensor]]:
+    """One grid row: the sample's references (``"1:subject"``, ...), then ``outputs``, then the target when known."""
+    row = [(f"{i + 1}:{t}", r) for i, (r, t) in enumerate(zip(sample.ref_images, sample.ref_types, strict=True))]
+    row += list(outputs)
+    if target is not None:
+        row.append(("target", target))
+    return row
+
+
 def make_grid(rows: Sequence[Sequence[tuple[str, torch.Tensor]]], scale: int = 3) -> Image.Image:
     """Rows of (label, image) cells, each image upscaled ``scale``x nearest-neighbour."""
     cells = [c for row in rows for c in row]

@@ -34,7 +34,7 @@ import yaml
 
 from refrl.errors import RefrlError
 from refrl.eval import plots
-from refrl.eval.grid import save_grid
+from refrl.eval.grid import sample_row, save_grid
 
 REPORT_FILE = "report.html"
 GRIDS_DIR = "grids"
@@ -69,13 +69,8 @@ def before_after_grid(samples: Sequence[Any], sft_images: Sequence[torch.Tensor]
     if not (len(samples) == len(sft_images) == len(rl_images)):
         raise ValueError(f"before_after_grid: {len(samples)} samples, {len(sft_images)} SFT and "
                          f"{len(rl_images)} RL images; expected one of each per sample")
-    rows = []
-    for s, before, after in zip(samples, sft_images, rl_images, strict=True):
-        row = [(f"{i + 1}:{t}", r) for i, (r, t) in enumerate(zip(s.ref_images, s.ref_types, strict=True))]
-        row += [("SFT", before), ("RL", after)]
-        if s.target is not None:
-            row.append(("target", s.target))
-        rows.append(row)
+    rows = [sample_row(s, [("SFT", before), ("RL", after)], s.target)
+            for s, before, after in zip(samples, sft_images, rl_images, strict=True)]
     return save_grid(rows, path)
 
 

@@ -294,15 +294,9 @@ def _generate_missing(policy: Policy, suite: Suite, images_dir: Path, missing: l
 
 
 def _grid_rows(items: Sequence[EvalItem], images: Sequence[torch.Tensor]) -> list[list[tuple[str, torch.Tensor]]]:
-    rows = []
-    for it, im in zip(items, images, strict=True):
-        s = it.sample
-        row = [(f"{i + 1}:{t}", r) for i, (r, t) in enumerate(zip(s.ref_images, s.ref_types, strict=True))]
-        row.append(("output", im))
-        if it.scored.target is not None:
-            row.append(("target", it.scored.target))
-        rows.append(row)
-    return rows
+    from refrl.eval.grid import sample_row
+
+    return [sample_row(it.sample, [("output", im)], it.scored.target) for it, im in zip(items, images, strict=True)]
 
 
 def run_eval(
