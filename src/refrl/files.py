@@ -3,7 +3,8 @@
 * `atomic_writer` / `atomic_write_text` / `atomic_write_bytes`: temp file in the same
   folder + ``os.replace``, so a reader (or a crash) never sees half a file. The result
   has the permissions a plain ``open()`` would give (``0o666 & ~umask``), not the 0600
-  of ``tempfile.mkstemp``. `save_safetensors` does the same for safetensors files.
+  of ``tempfile.mkstemp``. `save_safetensors` gives safetensors files those permissions
+  (it is not atomic itself: callers that need it write a temp name and rename).
 * `safe_filename`: a file name made from data (a sample id, a benchmark index) that can
   never leave its folder.
 * `prepare_out_dir`: an output folder created, or refused with a one-line error.
