@@ -295,13 +295,26 @@ def eval_cmd(
 
 @app.command("report")
 def report_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder (config.yaml, metrics.jsonl, eval folders).")],
-    out: Annotated[Path | None, typer.Option(help="Output file (default RUN_DIR/report.html).", dir_okay=False, writable=True)] = None,
+    run_dirs: Annotated[list[Path], typer.Argument(
+        help="A run folder (config.yaml, metrics.jsonl, eval folders); several: one report overlaying them.")],
+    out: Annotated[Path | None, typer.Option(
+        help="Output file (default RUN_DIR/report.html; for several runs report-overlay.html in their common "
+             "parent).", dir_okay=False, writable=True)] = None,
+    smooth: Annotated[int, typer.Option(help="Several runs: moving average over this many iterations.")] = 10,
 ) -> None:
-    """Write a self-contained report.html: curves, before/after tables, score vs #references, grids."""
-    from refrl.eval.report import write_report
+    """Write a self-contained report.html: curves, before/after tables, score vs #references, grids.
 
-    typer.echo(f"wrote {write_report(run_dir, out)}")
+    Given several run folders (e.g. GRPO, NFT and AWM from the same SFT model), it overlays their
+    reward curves against rollouts and puts their evaluations side by side.
+    """
+    if len(run_dirs) == 1:
+        from refrl.eval.report import write_report
+
+        typer.echo(f"wrote {write_report(run_dirs[0], out)}")
+        return
+    from refrl.eval.overlay import write_overlay_report
+
+    typer.echo(f"wrote {write_overlay_report(run_dirs, out, smooth=smooth)}")
 
 
 @app.command("ablate")

@@ -3,7 +3,8 @@
 * `curves_png`: training curves from ``metrics.jsonl`` records, one panel per key;
 * `score_vs_refs_png`: OmniRef-Bench's headline plot, score vs number of references,
   one panel per metric and one line per evaluation (e.g. before / after RL);
-* `category_vs_refs_png`: the same for one evaluation, one line per category.
+* `category_vs_refs_png`: the same for one evaluation, one line per category;
+* `overlay_curves_png`: several runs' curves in one panel per key, against rollouts.
 """
 
 from __future__ import annotations
@@ -125,4 +126,48 @@ def category_vs_refs_png(records: Sequence[Mapping[str, Any]], metrics: Sequence
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, ncol=2)
+    return _png(fig)
+
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start): m_i = mean(v[max(0, i-w+1) .. i])."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def overlay_curves_png(series: Mapping[str, Sequence[tuple[float, Mapping[str, Any]]]], keys: Sequence[str],
+                       x_label: str, smooth: int = 1, title: str | None = None) -> bytes | None:
+    """One panel per key, one line per run: ``series[label]`` is ``[(x, record), ...]``.
+
+    With ``smooth > 1`` each line is the trailing moving average over ``smooth`` records (the
+    raw points are drawn faintly behind it), because per-iteration rewards are noisy.
+    """
+    if not keys or not series:
+        return None
+    fig, axes = _panels(len(keys), title)
+    for ax, key in zip(axes, keys, strict=True):
+        for i, (label, points) in enumerate(series.items()):
+            pts = [(x, float(r[key])) for x, r in points if _finite(r.get(key))]
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            color = f"C{i % 10}"
+            if smooth > 1:
+                ax.plot(xs, ys, color=color, alpha=0.18, linewidth=0.8)
+                ys = tuple(moving_average(ys, smooth))
+            ax.plot(xs, ys, color=color, linewidth=1.4, label=label)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel(x_label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     return _png(fig)

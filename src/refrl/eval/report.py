@@ -166,7 +166,8 @@ def describe_run(config: Mapping[str, Any]) -> str:
         rewards = ", ".join(f"{r.get('name')} (w={r.get('weight', 1.0)})" for r in config.get("rewards") or [])
         adv = (config.get("advantage") or {}).get("kind", "group norm")
         samp = config.get("sampling") or {}
-        return (f"GRPO: {config['iterations']} iterations of {config.get('groups_per_iteration')} prompts x "
+        objective = str(config.get("objective", "grpo")).upper()
+        return (f"{objective}: {config['iterations']} iterations of {config.get('groups_per_iteration')} prompts x "
                 f"{config.get('group_size')} samples from {init}; rewards {rewards or '–'}; advantage {adv}; "
                 f"{samp.get('steps', '?')} rollout steps ({samp.get('sde_kind', '?')}, SDE steps: "
                 f"{samp.get('sde_steps', '?')}); KL beta {config.get('beta_kl', 0)}.")
