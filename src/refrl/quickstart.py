@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from refrl.config import validate_config
-from refrl.files import lock_run_folder
-from refrl.train.checkpoint import latest_checkpoint
+from refrl.runfolder.layout import CHECKPOINTS_DIR, latest_checkpoint
+from refrl.runfolder.lock import lock_run_folder
 from refrl.train.grpo_config import GRPOConfig
 
 # The recipe of configs/tiny-cpu-grpo.yaml (one trained step among the first three, one
@@ -79,7 +79,7 @@ def _run_quickstart(out: Path, seed: int, eval_n: int) -> Path:
 
     console.rule(f"[bold]3/5 GRPO, {cfg_iterations} iterations, with DyRef (DRS, DAR) + Customized-GRPO (SARS, TDW) shaping")
     cfg = validate_config(GRPOConfig, {**QUICKSTART_GRPO, "seed": seed}, source="quickstart")
-    done = latest_checkpoint(out / "checkpoints")
+    done = latest_checkpoint(out / CHECKPOINTS_DIR)
     train_grpo(cfg, out, resume=done is not None)
 
     console.rule("[bold]4/5 evaluate the GRPO checkpoint (EMA weights)")

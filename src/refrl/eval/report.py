@@ -390,6 +390,6 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         + "</body></html>\n"
     )
     out_path = Path(out) if out is not None else run_dir / REPORT_FILE
-    from refrl.files import atomic_write_text
+    from refrl.runfolder.files import atomic_write_text
 
     return atomic_write_text(out_path, page)

@@ -10,7 +10,7 @@ patch reward and PSNR inside / outside the mask), ``omniref`` (`refrl.eval.omnir
 and ``dreambench`` (`refrl.eval.dreambench`).
 
 The runner caches generation: each image is written to ``DIR/images/<image_id>.png``
-(the id made safe by `refrl.files.safe_filename`) as soon as its batch is done, and a rerun with the same checkpoint, seed, steps, cfg
+(the id made safe by `refrl.runfolder.files.safe_filename`) as soon as its batch is done, and a rerun with the same checkpoint, seed, steps, cfg
 and suite parameters (``DIR/eval_meta.json``) generates only the missing ones, so an
 interrupted eval resumes; a cached PNG that does not decode (a torn write) is generated
 again. Rewards always score the PNGs, so a resumed eval gives
@@ -38,9 +38,11 @@ from tqdm.auto import tqdm
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.eval.scoring import MaskedPSNR, aggregate, score_images
-from refrl.files import atomic_write_text, lock_run_folder, safe_filename
 from refrl.models.policy import Policy
 from refrl.rewards.base import Reward
+from refrl.runfolder.files import atomic_write_text, safe_filename
+from refrl.runfolder.layout import resolve_checkpoint
+from refrl.runfolder.lock import lock_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +242,6 @@ def policy_image_size(policy: Any, default: int = DEFAULT_IMAGE_SIZE) -> int:
 
 def checkpoint_stamp(ckpt: str | os.PathLike) -> dict[str, Any]:
     """What identifies a checkpoint's weights: its resolved folder and newest file time."""
-    from refrl.models.build import resolve_checkpoint
-
     path = resolve_checkpoint(ckpt)
     mtimes = [p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()]
     return {"ckpt_path": str(path.resolve()), "ckpt_mtime_ns": max(mtimes, default=0)}
@@ -320,7 +320,7 @@ def run_eval(
     """Generate the suite's missing images, score every image, write eval.json / samples.jsonl / grid.png.
 
     ``policy`` may be a zero-argument loader, called only when some image is missing.
-    Holds the lock of ``out_dir`` (`refrl.files.lock_run_folder`). Returns the eval.json contents.
+    Holds the lock of ``out_dir`` (`refrl.runfolder.lock.lock_run_folder`). Returns the eval.json contents.
     """
     if batch_size < 1:
         raise RefrlError(f"batch_size must be >= 1, got {batch_size}")

@@ -1,11 +1,7 @@
 """Build a policy from a config, or load one from a checkpoint name or folder.
 
-Names a user can pass wherever a checkpoint is taken (``--ckpt``):
-
-* ``tiny-sft`` — the SFT checkpoint shipped inside the package (RefWorld, 32 px);
-* a run folder (``runs/NAME``) — its latest checkpoint;
-* a checkpoint folder (``runs/NAME/checkpoints/step-N``) or a policy folder
-  (anything with a ``config.json`` written by ``save_pretrained``).
+Which folder a name (``--ckpt``: ``tiny-sft``, a run folder, a checkpoint folder) points
+at is decided by `refrl.runfolder.layout.resolve_checkpoint`.
 """
 
 from __future__ import annotations
@@ -16,13 +12,10 @@ from typing import Literal
 from pydantic import Field
 
 from refrl.config import StrictModel
-from refrl.errors import ConfigError, RefrlError
+from refrl.errors import ConfigError
 from refrl.models.diffusers.options import DIFFUSERS_KINDS, DiffusersOptions
 from refrl.models.policy import Policy
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-SHIPPED = {"tiny-sft": ASSETS / "tiny-sft"}
-
+from refrl.runfolder.layout import resolve_checkpoint
 
 # LoRA targets of the tiny DiT when `lora_targets` is not given (diffusers kinds have their own).
 TINY_LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]
@@ -54,29 +47,6 @@ class ModelConfig(StrictModel):
     gradient_checkpointing: bool = False
     text_cache: str | None = Field(None, description="diffusers kinds: folder of precomputed text embeddings")
     diffusers: DiffusersOptions = DiffusersOptions()
-
-
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """The policy folder (``config.json`` inside) that a ``--ckpt`` value names."""
-    key = str(name_or_path)
-    if key in SHIPPED:
-        path = SHIPPED[key]
-        if not (path / "config.json").is_file():
-            raise RefrlError(f"the shipped checkpoint {key!r} is missing from {path}; reinstall refrl")
-        return path
-    path = Path(key)
-    if not path.exists():
-        raise RefrlError(f"checkpoint not found: {key} (give a run folder, a checkpoint folder or one of {sorted(SHIPPED)})")
-    if (path / "config.json").is_file():
-        return path
-    if (path / "policy" / "config.json").is_file():
-        return path / "policy"
-    from refrl.train.checkpoint import latest_checkpoint
-
-    last = latest_checkpoint(path / "checkpoints")
-    if last is not None:
-        return last / "policy"
-    raise RefrlError(f"{path} holds no checkpoint (expected config.json, policy/ or checkpoints/step-N/)")
 
 
 def _saved_kind(folder: Path) -> str:

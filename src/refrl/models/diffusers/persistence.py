@@ -16,6 +16,7 @@ from typing import Any
 from refrl.errors import RefrlError
 from refrl.models.diffusers.common import DiffusersPolicy
 from refrl.models.diffusers.options import DIFFUSERS_KINDS
+from refrl.runfolder.layout import resolve_checkpoint
 
 CONFIG_NAME = "config.json"
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
@@ -27,7 +28,7 @@ FORMAT = "refrl-diffusers-policy"
 def save_policy(policy: DiffusersPolicy, directory: str | Path) -> None:
     """``config.json`` (kind, base model, model config, LoRA configs) + LoRA weights; a full
     fine-tune also writes ``transformer/``. The base weights stay where ``pretrained`` says."""
-    from refrl.files import save_safetensors
+    from refrl.runfolder.files import save_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,8 +74,6 @@ def build_diffusers_policy(cfg: Any) -> DiffusersPolicy:
     """A fresh adapter from ``cfg`` (or ``cfg.init`` loaded with its LoRA merged), then a
     new LoRA of ``cfg.lora_rank`` (or a full fine-tune when the rank is 0)."""
     if cfg.init:
-        from refrl.models.build import resolve_checkpoint
-
         policy = load_diffusers_policy(resolve_checkpoint(cfg.init), overrides=cfg)
         policy.merge_lora()  # the starting model is the reference of the new adapter
     else:
