@@ -282,7 +282,7 @@ def eval_cmd(
     level: Annotated[int | None, typer.Option(help="refworld: difficulty 0-2 (default 2).", min=0, max=2)] = None,
 ) -> None:
     """Generate (cached: an interrupted eval resumes) and score a suite; writes OUT/eval.json."""
-    from refrl.eval.suites import eval_command
+    from refrl.eval.runner import eval_command
 
     res = eval_command(ckpt, suite, out, limit=limit, n=n, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size,
                        data=data, root=root, rewards=rewards, reward_options=reward_option or [], force=force,

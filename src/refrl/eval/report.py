@@ -248,7 +248,8 @@ def _auto_before_after(run_dir: Path, evals: Mapping[str, Mapping[str, Any]]) ->
     """The before/after grid of the first samples when a before and an after evaluation of one
     embedded suite (regenerable from its seed) share that seed."""
     from refrl.data.images import load_image
-    from refrl.eval.suites import IMAGES_DIR, refworld_suite
+    from refrl.eval.refworld import refworld_suite
+    from refrl.eval.runner import IMAGES_DIR
 
     befores = [lb for lb in evals if _order(lb)[0] == 0]
     afters = [lb for lb in evals if _order(lb)[0] == 2]
