@@ -230,7 +230,7 @@ def reward_row(name: str, unique: list[LoadedSample], group: int, repeats: int) 
 
 def reward_section(args: argparse.Namespace) -> dict[str, Any]:
     from refrl.data.refworld import generate
-    from refrl.eval.suites import REFWORLD_METRICS
+    from refrl.eval.refworld import REFWORLD_METRICS
 
     n, group, repeats = REWARD_UNIQUE_SAMPLES[args.mode], REWARD_GROUP_SIZE[args.mode], REPEATS[args.mode]
     unique = generate(n, seed=0, split="test")  # every category: each reward meets samples it applies to

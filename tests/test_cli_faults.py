@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from refrl.files import LOCK_FILE, lock_run_folder
+from refrl.runfolder.lock import LOCK_FILE, lock_run_folder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SFT_CFG = str(CONFIGS / "tiny-cpu-sft.yaml")
@@ -301,7 +301,7 @@ def test_generate_and_eval_keep_unsafe_ids_inside_out(data, tmp_path):
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom refrl.files import lock_run_folder\n"
+        [sys.executable, "-c", "import sys, time\nfrom refrl.runfolder.lock import lock_run_folder\n"
          f"with lock_run_folder({str(run)!r}):\n    print('locked', flush=True)\n    time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, env=ENV)
     try:

@@ -21,26 +21,16 @@ from refrl.data.refworld.vocab import WORDS
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.eval.dreambench import dreambench_suite
+from refrl.eval.metrics import build_metrics, parse_metric_specs, parse_reward_options
 from refrl.eval.omniref import (
     load_omniref,
     omniref_suite,
     parse_omniref_rows,
     reference_type_from_path,
 )
+from refrl.eval.refworld import refine_suite, refworld_suite
+from refrl.eval.runner import EVAL_FILE, IMAGES_DIR, META_FILE, SAMPLES_FILE, build_suite, run_eval
 from refrl.eval.scoring import MaskedPSNR, psnr, region_mse
-from refrl.eval.suites import (
-    EVAL_FILE,
-    IMAGES_DIR,
-    META_FILE,
-    SAMPLES_FILE,
-    build_metrics,
-    build_suite,
-    parse_metric_specs,
-    parse_reward_options,
-    refine_suite,
-    refworld_suite,
-    run_eval,
-)
 from refrl.models.tiny_dit import TinyDiTConfig
 from refrl.models.tiny_dit_policy import TinyDiTPolicy
 from refrl.models.tokenizer import WordTokenizer

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from refrl.config import load_config
 from refrl.models.tiny_dit_policy import TinyDiTPolicy
-from refrl.train.checkpoint import latest_checkpoint
+from refrl.runfolder.layout import latest_checkpoint
 from refrl.train.grpo import GRPOTrainer, train_grpo
 from refrl.train.grpo_config import GRPOConfig
 

@@ -31,8 +31,10 @@ from refrl.config import dump_config
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.eval.grid import LABEL_HEIGHT, PAD
+from refrl.eval.metrics import build_metrics
+from refrl.eval.refworld import refworld_suite
 from refrl.eval.report import BEFORE_AFTER_FILE, GRIDS_DIR, before_after_grid, write_report
-from refrl.eval.suites import build_metrics, refworld_suite, run_eval
+from refrl.eval.runner import run_eval
 from refrl.train.grpo_config import GRPOConfig, RewardSpec
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from refrl.cli import app
 from refrl.config import load_config
 from refrl.errors import ConfigError, RefrlError
-from refrl.train.checkpoint import latest_checkpoint, list_checkpoints
+from refrl.runfolder.layout import latest_checkpoint, list_checkpoints
 from refrl.train.optim import OptimConfig, lr_factor
 from refrl.train.sft import SFTConfig, flow_matching_loss, train_sft, x0_loss_weight
 

@@ -26,7 +26,9 @@ from rich.console import Console
 
 from refrl.config import validate_config
 from refrl.errors import RefrlError
-from refrl.files import atomic_write_text, lock_run_folder
+from refrl.runfolder.files import atomic_write_text
+from refrl.runfolder.layout import CHECKPOINTS_DIR, latest_checkpoint
+from refrl.runfolder.lock import lock_run_folder
 from refrl.train.grpo_config import GRPOConfig
 
 BASE: dict[str, Any] = {
@@ -117,7 +119,7 @@ def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False,
 
 
 def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[str], ckpt: str, eval_seed: int) -> Path:
-    from refrl.eval.suites import eval_command
+    from refrl.eval.runner import eval_command
     from refrl.train.grpo import train_grpo
 
     budget = BUDGETS["quick" if quick else "default"]
@@ -131,10 +133,8 @@ def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[s
             run_dir = out / name / f"seed{seed}"
             policy_ckpt = ckpt
             if VARIANTS[name] is not None:
-                from refrl.train.checkpoint import latest_checkpoint
-
                 cfg = variant_config(name, seed, budget, ckpt)
-                train_grpo(cfg, run_dir, resume=latest_checkpoint(run_dir / "checkpoints") is not None)
+                train_grpo(cfg, run_dir, resume=latest_checkpoint(run_dir / CHECKPOINTS_DIR) is not None)
                 policy_ckpt = str(run_dir)
             ev = eval_command(policy_ckpt, "refworld", run_dir / "eval", n=budget["eval_n"], seed=eval_seed)
             flat = _collect(ev["metrics"])

@@ -28,7 +28,7 @@ EXIT_FAILURE = 1  # the system failed the command: out of memory, disk full, I/O
 EXIT_INTERRUPTED = 130
 
 # Output folders: a file in their place is refused while parsing the options; a folder
-# that cannot be created or written, by `refrl.files.prepare_out_dir` before any work.
+# that cannot be created or written, by `refrl.runfolder.files.prepare_out_dir` before any work.
 OUT_DIR = {"file_okay": False, "writable": True}
 
 
@@ -61,7 +61,7 @@ def data_refworld(
 ) -> None:
     """Generate RefWorld multi-reference composition tasks (deterministic from the seed)."""
     from refrl.data.refworld import generate_refworld_to_disk
-    from refrl.files import prepare_out_dir
+    from refrl.runfolder.files import prepare_out_dir
 
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
     prepare_out_dir(out)
@@ -282,7 +282,7 @@ def eval_cmd(
     level: Annotated[int | None, typer.Option(help="refworld: difficulty 0-2 (default 2).", min=0, max=2)] = None,
 ) -> None:
     """Generate (cached: an interrupted eval resumes) and score a suite; writes OUT/eval.json."""
-    from refrl.eval.suites import eval_command
+    from refrl.eval.runner import eval_command
 
     res = eval_command(ckpt, suite, out, limit=limit, n=n, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size,
                        data=data, root=root, rewards=rewards, reward_options=reward_option or [], force=force,

@@ -134,6 +134,6 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config as YAML (the run folder's ``config.yaml``), atomically."""
-    from refrl.files import atomic_write_text
+    from refrl.runfolder.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,6 +1,6 @@
 """``refrl generate``: sample a checkpoint on a manifest, write PNGs and a grid.
 
-Each image is ``OUT/<id>.png`` with the id made safe by `refrl.files.safe_filename`
+Each image is ``OUT/<id>.png`` with the id made safe by `refrl.runfolder.files.safe_filename`
 (an id such as ``../x`` or ``a/b`` becomes ``.._x-<hash>``-style names that stay in OUT).
 """
 
@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.eval.grid import sample_row, save_grid
-from refrl.files import atomic_write_text, lock_run_folder, safe_filename
 from refrl.models.build import load_policy
+from refrl.runfolder.files import atomic_write_text, safe_filename
+from refrl.runfolder.lock import lock_run_folder
 from refrl.sampling.rollout import sample_ode
 
 

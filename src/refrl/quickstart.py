@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from refrl.config import validate_config
-from refrl.files import lock_run_folder
-from refrl.train.checkpoint import latest_checkpoint
+from refrl.runfolder.layout import CHECKPOINTS_DIR, latest_checkpoint
+from refrl.runfolder.lock import lock_run_folder
 from refrl.train.grpo_config import GRPOConfig
 
 # The recipe of configs/tiny-cpu-grpo.yaml (one trained step among the first three, one
@@ -59,7 +59,7 @@ def run_quickstart(out: str | Path, seed: int = 0, eval_n: int = EVAL_N) -> Path
 def _run_quickstart(out: Path, seed: int, eval_n: int) -> Path:
     from refrl.data.refworld import generate_refworld_to_disk
     from refrl.eval.report import write_report
-    from refrl.eval.suites import eval_command
+    from refrl.eval.runner import eval_command
     from refrl.train.grpo import train_grpo
 
     console = Console(stderr=True)
@@ -79,7 +79,7 @@ def _run_quickstart(out: Path, seed: int, eval_n: int) -> Path:
 
     console.rule(f"[bold]3/5 GRPO, {cfg_iterations} iterations, with DyRef (DRS, DAR) + Customized-GRPO (SARS, TDW) shaping")
     cfg = validate_config(GRPOConfig, {**QUICKSTART_GRPO, "seed": seed}, source="quickstart")
-    done = latest_checkpoint(out / "checkpoints")
+    done = latest_checkpoint(out / CHECKPOINTS_DIR)
     train_grpo(cfg, out, resume=done is not None)
 
     console.rule("[bold]4/5 evaluate the GRPO checkpoint (EMA weights)")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from refrl.errors import RefrlError
-from refrl.files import atomic_writer
+from refrl.runfolder.files import atomic_writer
 
 # The colour transparent pixels are composited on (1.0 = white).
 ALPHA_BACKGROUND = 1.0
@@ -247,7 +247,7 @@ def _save_png_atomic(image: Image.Image, path: Path) -> Path:
 
 
 def save_image(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write a [0, 1] tensor as an 8-bit PNG, atomically (temp file + os.replace)."""
+    """Write a [0, 1] tensor as an 8-bit PNG, atomically (`refrl.runfolder.files.atomic_writer`)."""
     return _save_png_atomic(to_pil(tensor), Path(path))
 
 

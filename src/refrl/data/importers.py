@@ -43,6 +43,7 @@ from refrl.data.manifest import (
 )
 from refrl.data.schema import Reference, RefSample, canonical_reference_type
 from refrl.errors import RefrlError
+from refrl.runfolder.files import atomic_path
 
 MANIFEST_NAME = "manifest.jsonl"
 IMAGES_DIR = "images"
@@ -485,9 +486,7 @@ def _place(src: Path, dest: Path, link: str) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and dest.resolve() == src.resolve():
         return
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_path(dest) as tmp:
         if link == "symlink":
             os.symlink(src.resolve(), tmp)
         elif link == "hardlink":
@@ -497,10 +496,6 @@ def _place(src: Path, dest: Path, link: str) -> None:
                 shutil.copy2(src, tmp)
         else:
             shutil.copy2(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def place_images(samples: Sequence[RefSample], src_root: str | os.PathLike, out_dir: str | os.PathLike,

@@ -55,7 +55,7 @@ from refrl.data.schema import (
     canonical_reference_type,
 )
 from refrl.errors import RefrlError
-from refrl.files import atomic_write_text
+from refrl.runfolder.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def _check_writable(sample: RefSample) -> None:
 
 
 def write_manifest(path: str | os.PathLike, samples: Iterable[RefSample]) -> Path:
-    """Write samples as JSONL, atomically (temp file in the same folder + os.replace).
+    """Write samples as JSONL, atomically (`refrl.runfolder.files.atomic_write_text`).
 
     Refuses (RefrlError) duplicate ids, empty prompts, unknown reference types, paths that
     are absolute or escape the folder, extras that clash with manifest keys or are not JSON.
@@ -396,7 +396,7 @@ def write_manifest(path: str | os.PathLike, samples: Iterable[RefSample]) -> Pat
             lines.append(json.dumps(s.to_json(), ensure_ascii=False))
         except (ValueError, TypeError) as e:
             raise RefrlError(f"cannot write manifest {path}: {e}") from e
-    return atomic_write_text(path, "".join(line + "\n" for line in lines), fsync=True)
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def load_sample(sample: RefSample, manifest_dir: str | os.PathLike, size: Size | None = None) -> LoadedSample:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.eval.suites import EvalItem, Suite
+from refrl.eval.suite import EvalItem, Suite
 
 IMAGES_PER_PROMPT = 4  # DreamBooth's protocol
 DREAMBENCH_METRICS: dict[str, str] = {"dino": "dino", "clip_i": "clip_i", "clip_t": "clip_t"}

@@ -40,7 +40,7 @@ from typing import Any
 
 from refrl.data.schema import LoadedSample, Reference, RefSample, canonical_reference_type
 from refrl.errors import RefrlError
-from refrl.eval.suites import EvalItem, Suite
+from refrl.eval.suite import EvalItem, Suite
 
 # Folder names (any path component, case-insensitive) -> reference type.
 REFERENCE_FOLDERS: dict[str, str] = {

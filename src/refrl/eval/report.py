@@ -249,7 +249,8 @@ def _auto_before_after(run_dir: Path, evals: Mapping[str, Mapping[str, Any]]) ->
     """The before/after grid of the first samples when a before and an after evaluation of one
     embedded suite (regenerable from its seed) share that seed."""
     from refrl.data.images import load_image
-    from refrl.eval.suites import IMAGES_DIR, refworld_suite
+    from refrl.eval.refworld import refworld_suite
+    from refrl.eval.runner import IMAGES_DIR
 
     befores = [lb for lb in evals if _order(lb)[0] == 0]
     afters = [lb for lb in evals if _order(lb)[0] == 2]
@@ -391,6 +392,6 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         + "</body></html>\n"
     )
     out_path = Path(out) if out is not None else run_dir / REPORT_FILE
-    from refrl.files import atomic_write_text
+    from refrl.runfolder.files import atomic_write_text
 
     return atomic_write_text(out_path, page)

@@ -1,82 +1,21 @@
 """Build a policy from a config, or load one from a checkpoint name or folder.
 
-Names a user can pass wherever a checkpoint is taken (``--ckpt``):
-
-* ``tiny-sft`` — the SFT checkpoint shipped inside the package (RefWorld, 32 px);
-* a run folder (``runs/NAME``) — its latest checkpoint;
-* a checkpoint folder (``runs/NAME/checkpoints/step-N``) or a policy folder
-  (anything with a ``config.json`` written by ``save_pretrained``).
+Which folder a name (``--ckpt``: ``tiny-sft``, a run folder, a checkpoint folder) points
+at is decided by `refrl.runfolder.layout.resolve_checkpoint`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field
-
-from refrl.config import StrictModel
-from refrl.errors import ConfigError, RefrlError
-from refrl.models.diffusers.options import DIFFUSERS_KINDS, DiffusersOptions
+from refrl.errors import ConfigError
+from refrl.models.config import ModelConfig
+from refrl.models.diffusers.options import DIFFUSERS_KINDS
 from refrl.models.policy import Policy
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-SHIPPED = {"tiny-sft": ASSETS / "tiny-sft"}
-
+from refrl.runfolder.layout import resolve_checkpoint
 
 # LoRA targets of the tiny DiT when `lora_targets` is not given (diffusers kinds have their own).
 TINY_LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]
-
-
-class ModelConfig(StrictModel):
-    kind: Literal["tiny-dit", "flux2-klein", "qwen-edit-plus", "kontext"] = "tiny-dit"
-    init: str | None = Field(None, description="start from this checkpoint (tiny-sft, run or checkpoint folder)")
-    image_size: int = Field(32, description="tiny-dit: image size; diffusers kinds: generation resolution")
-    patch: int = 4
-    ref_size: int = Field(32, description="references are resized to this square size")
-    ref_patch: int = 8
-    width: int = 256
-    depth: int = 6
-    heads: int = 4
-    mlp_ratio: int = 4
-    max_refs: int = 8
-    max_text_len: int = 48
-    use_ref_cache: bool = True
-    tie_index_words: bool = Field(False, description="tiny-dit: reference i also gets the embedding of the word naming it")
-    prediction: Literal["v", "x0"] = Field("x0", description="what the network's head predicts (x0: JiT-style)")
-    lora_rank: int = Field(0, ge=0, description="0 = full fine-tune; >0 = LoRA of this rank (peft)")
-    lora_alpha: float | None = Field(None, description="default: equal to the rank")
-    lora_targets: list[str] | None = Field(None, description="LoRA target module suffixes (None: the kind's default)")
-    # diffusers kinds (flux2-klein, qwen-edit-plus, kontext); see docs/backends.md
-    pretrained: str | None = Field(None, description="diffusers kinds: hub id or local pipeline folder")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="diffusers kinds: weights dtype")
-    device: str = Field("auto", description="diffusers kinds: auto = this process's GPU if any, else cpu")
-    gradient_checkpointing: bool = False
-    text_cache: str | None = Field(None, description="diffusers kinds: folder of precomputed text embeddings")
-    diffusers: DiffusersOptions = DiffusersOptions()
-
-
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """The policy folder (``config.json`` inside) that a ``--ckpt`` value names."""
-    key = str(name_or_path)
-    if key in SHIPPED:
-        path = SHIPPED[key]
-        if not (path / "config.json").is_file():
-            raise RefrlError(f"the shipped checkpoint {key!r} is missing from {path}; reinstall refrl")
-        return path
-    path = Path(key)
-    if not path.exists():
-        raise RefrlError(f"checkpoint not found: {key} (give a run folder, a checkpoint folder or one of {sorted(SHIPPED)})")
-    if (path / "config.json").is_file():
-        return path
-    if (path / "policy" / "config.json").is_file():
-        return path / "policy"
-    from refrl.train.checkpoint import latest_checkpoint
-
-    last = latest_checkpoint(path / "checkpoints")
-    if last is not None:
-        return last / "policy"
-    raise RefrlError(f"{path} holds no checkpoint (expected config.json, policy/ or checkpoints/step-N/)")
 
 
 def _saved_kind(folder: Path) -> str:

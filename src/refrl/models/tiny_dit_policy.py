@@ -28,10 +28,10 @@ from torch import nn
 
 from refrl.data.schema import REFERENCE_TYPES, LoadedSample, canonical_reference_type
 from refrl.errors import RefrlError
-from refrl.files import save_safetensors
 from refrl.models.inputs import drop_flags, resize_square
 from refrl.models.tiny_dit import ConditionInputs, TinyDiT, TinyDiTCondition, TinyDiTConfig
 from refrl.models.tokenizer import WordTokenizer
+from refrl.runfolder.files import save_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

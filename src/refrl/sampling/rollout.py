@@ -12,14 +12,13 @@ import torch
 
 from refrl.data.schema import LoadedSample
 from refrl.models.policy import Policy
+from refrl.runfolder.rng import seeded_generator
 from refrl.sampling.schedules import sigma_schedule
 from refrl.sampling.sde import ode_step
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, indices: Sequence[int]) -> torch.Tensor:
     """Noise for sample ``i`` depends only on ``(seed, i)``: outputs do not change with batch size."""
-    from refrl.train.run import seeded_generator
-
     return torch.stack([torch.randn(shape, generator=seeded_generator(seed, int(i))) for i in indices])
 
 

@@ -10,15 +10,15 @@ A checkpoint is a folder ``checkpoints/step-N/``:
   plain Python values only, read back with ``torch.load(weights_only=True)``);
 * ``state.json`` — step, data position and anything else the trainer needs.
 
-The folder is first written as ``step-N.tmp`` and renamed, so a crash mid-write
-never leaves a half checkpoint that ``latest_checkpoint`` would pick.
+The folder is written by `refrl.runfolder.files.atomic_dir` (as ``step-N.tmp``, fsync'd, then
+renamed), so a crash mid-write never leaves a half checkpoint that
+`refrl.runfolder.layout.latest_checkpoint` would pick.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from collections.abc import Callable
@@ -30,9 +30,13 @@ import torch
 from safetensors.torch import load_file
 
 from refrl.errors import RefrlError
-from refrl.files import save_safetensors
-
-STEP_PREFIX = "step-"
+from refrl.runfolder.files import atomic_dir, save_safetensors
+from refrl.runfolder.layout import (
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -64,44 +68,19 @@ def save_checkpoint(
     keep_last: int | None = None,
 ) -> Path:
     """Write ``ckpt_root/step-N`` atomically and return its path."""
-    ckpt_root = Path(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"{STEP_PREFIX}{step}"
-    tmp = ckpt_root / f"{STEP_PREFIX}{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_policy(tmp / "policy")
-    if ema_state is not None:
-        save_safetensors({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
-    if trainable is not None:  # the raw (non-EMA) trainable weights, for exact resume
-        save_safetensors({k: p.detach().contiguous().cpu() for k, p in trainable.items()}, tmp / "trainable.safetensors")
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = checkpoint_dir(ckpt_root, step)
+    with atomic_dir(final) as tmp:
+        save_policy(tmp / "policy")
+        if ema_state is not None:
+            save_safetensors({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
+        if trainable is not None:  # the raw (non-EMA) trainable weights, for exact resume
+            save_safetensors({k: p.detach().contiguous().cpu() for k, p in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2))
     if keep_last and keep_last > 0:  # 0 or None: keep every checkpoint
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        suffix = p.name[len(STEP_PREFIX):]
-        if p.is_dir() and p.name.startswith(STEP_PREFIX) and suffix.isdigit():
-            found.append((int(suffix), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    ckpts = list_checkpoints(ckpt_root)
-    return ckpts[-1] if ckpts else None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any]]:
@@ -140,8 +119,6 @@ def init_fingerprint(init: str | None) -> str | None:
     """
     if init is None:
         return None
-    from refrl.models.build import resolve_checkpoint
-
     folder = resolve_checkpoint(init)
     digest = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")):

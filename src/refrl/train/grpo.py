@@ -32,15 +32,17 @@ from tqdm.auto import tqdm
 
 from refrl.config import dump_config
 from refrl.errors import RefrlError
-from refrl.files import lock_run_folder, save_safetensors
 from refrl.models.build import build_policy, check_image_size
 from refrl.rewards import build as build_reward
+from refrl.runfolder.files import save_safetensors
+from refrl.runfolder.layout import latest_checkpoint
+from refrl.runfolder.lock import lock_run_folder
+from refrl.runfolder.rng import seed_everything, seeded_generator
 from refrl.sampling.rollout import choose_sde_steps, encode_for_guidance, rollout_sde
 from refrl.sampling.schedules import sigma_schedule
 from refrl.train.advantages import compute_advantages
 from refrl.train.checkpoint import (
     init_fingerprint,
-    latest_checkpoint,
     load_checkpoint,
     resume_training,
     rng_state,
@@ -52,7 +54,7 @@ from refrl.train.ema import EMA
 from refrl.train.grpo_config import GRPOConfig
 from refrl.train.objectives import build_objective
 from refrl.train.optim import build_optimizer
-from refrl.train.run import MetricsWriter, seed_everything, seeded_generator
+from refrl.train.run import MetricsWriter
 
 ON_POLICY_HELP = (
     "sampling and training disagree before any update. Usual causes: dropout or other "
@@ -340,7 +342,7 @@ class GRPOTrainer:
 
 def train_grpo(cfg: GRPOConfig, out_dir: str | Path, resume: bool = False) -> Path | None:
     """Run RL (``cfg.objective``: grpo, nft or awm) into ``out_dir``; returns the last checkpoint. The main
-    process holds the run folder's lock (`refrl.files.lock_run_folder`) for the whole run."""
+    process holds the run folder's lock (`refrl.runfolder.lock.lock_run_folder`) for the whole run."""
     # under accelerate only the main process (RANK 0) writes into the run folder
     main = int(os.environ.get("RANK", "0")) == 0
     with lock_run_folder(out_dir) if main else nullcontext():

@@ -1,20 +1,16 @@
-"""What every training run shares: the run folder, metrics.jsonl, a seeded torch generator."""
+"""What every training run shares: metrics.jsonl and a timer (seeded generators: `refrl.runfolder.rng`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from refrl.errors import RefrlError
-from refrl.files import atomic_write_text
+from refrl.runfolder.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +61,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return parse_metrics(path.read_text(), str(path))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed the global RNGs a run may draw from: torch, Python's ``random`` and NumPy."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-
-
-def seeded_generator(*seeds: int) -> torch.Generator:
-    """A torch generator whose state depends only on the given integers."""
-    g = torch.Generator()
-    acc = 0
-    for s in seeds:
-        acc = (acc * 1_000_003 + int(s) + 1) % (2**63 - 1)
-    g.manual_seed(acc)
-    return g
 
 
 class Timer:

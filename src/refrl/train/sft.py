@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 from refrl.config import StrictModel, dump_config
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.files import lock_run_folder
 from refrl.models.build import ModelConfig, build_policy, check_image_size
+from refrl.runfolder.layout import latest_checkpoint
+from refrl.runfolder.lock import lock_run_folder
+from refrl.runfolder.rng import seed_everything, seeded_generator
 from refrl.train.checkpoint import (
     init_fingerprint,
-    latest_checkpoint,
     resume_training,
     rng_state,
     save_checkpoint,
@@ -40,7 +41,7 @@ from refrl.train.checkpoint import (
 from refrl.train.data import DataConfig, SampleSource
 from refrl.train.ema import EMA
 from refrl.train.optim import OptimConfig, build_optimizer
-from refrl.train.run import MetricsWriter, Timer, seed_everything, seeded_generator
+from refrl.train.run import MetricsWriter, Timer
 
 
 class SFTConfig(StrictModel):
@@ -121,7 +122,7 @@ def _stack_masks(samples: list[LoadedSample], shape: tuple[int, ...]) -> torch.T
 def train_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> Path:
     """Run SFT into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/). Returns the final checkpoint.
 
-    Holds the run folder's lock (`refrl.files.lock_run_folder`) for the whole run.
+    Holds the run folder's lock (`refrl.runfolder.lock.lock_run_folder`) for the whole run.
     """
     with lock_run_folder(out_dir):
         return _train_sft(cfg, Path(out_dir), resume)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from refrl.data.refworld.world import DEFAULT_LEVEL, RefWorld, sample_rng
 from refrl.data.schema import LoadedSample, Reference, RefSample
 from refrl.errors import RefrlError
-from refrl.files import atomic_write_text
+from refrl.runfolder.files import atomic_write_text
 
 PROGRESS_MIN_SAMPLES = 500  # show a progress bar from this many samples on
 IN_MEMORY_ONLY_KEYS = ("subject_masks",)

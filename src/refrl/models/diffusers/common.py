@@ -350,8 +350,8 @@ class DiffusersPolicy(FinetuneMixin, nn.Module):
         return self
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """See `refrl.models.diffusers.persistence` for the folder layout."""
-        from refrl.models.diffusers.persistence import save_policy
+        """See `refrl.models.diffusers.saving` for the folder layout."""
+        from refrl.models.diffusers.saving import save_policy
 
         save_policy(self, directory)
 

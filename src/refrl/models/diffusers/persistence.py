@@ -1,11 +1,4 @@
-"""Building, saving and loading diffusers adapters.
-
-A saved adapter is a folder a person can read: ``config.json`` names the kind, the base
-model (hub id or absolute local folder) and the full model config, and lists the LoRA
-configs; ``adapter.safetensors`` holds the live LoRA, ``merged-<i>.safetensors`` the
-adapters already folded into the base (e.g. the SFT LoRA under a GRPO run), and a full
-fine-tune adds ``transformer/``. The base weights are never copied.
-"""
+"""Building and loading diffusers adapters (the folder they save: `refrl.models.diffusers.saving`)."""
 
 from __future__ import annotations
 
@@ -14,40 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from refrl.errors import RefrlError
+from refrl.models.config import ModelConfig
 from refrl.models.diffusers.common import DiffusersPolicy
 from refrl.models.diffusers.options import DIFFUSERS_KINDS
-
-CONFIG_NAME = "config.json"
-ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
-MERGED_WEIGHTS_NAME = "merged-{}.safetensors"
-TRANSFORMER_DIR = "transformer"  # full fine-tunes save the whole transformer here
-FORMAT = "refrl-diffusers-policy"
-
-
-def save_policy(policy: DiffusersPolicy, directory: str | Path) -> None:
-    """``config.json`` (kind, base model, model config, LoRA configs) + LoRA weights; a full
-    fine-tune also writes ``transformer/``. The base weights stay where ``pretrained`` says."""
-    from refrl.files import save_safetensors
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in [ADAPTER_WEIGHTS_NAME, *(p.name for p in directory.glob(MERGED_WEIGHTS_NAME.format("*")))]:
-        (directory / stale).unlink(missing_ok=True)
-    model = policy.cfg.model_dump(mode="json")
-    model["init"] = None
-    pretrained = model.get("pretrained")
-    if pretrained and Path(pretrained).expanduser().is_dir():
-        model["pretrained"] = str(Path(pretrained).expanduser().resolve())
-    for i, (_, state) in enumerate(policy.merged_adapters):
-        save_safetensors(state, directory / MERGED_WEIGHTS_NAME.format(i), metadata={"format": "pt"})
-    if policy.has_lora:
-        save_safetensors(policy.adapter_state_dict(), directory / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
-    if policy.full_finetune:
-        policy.transformer.save_pretrained(directory / TRANSFORMER_DIR, safe_serialization=True)
-    info = {"format": FORMAT, "kind": policy.kind, "pretrained": model.get("pretrained"), "model": model,
-            "lora": policy.lora_config, "merged_adapters": [c for c, _ in policy.merged_adapters],
-            "full_finetune": policy.full_finetune}
-    (directory / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
+from refrl.models.diffusers.saving import (
+    ADAPTER_WEIGHTS_NAME,
+    CONFIG_NAME,
+    FORMAT,
+    MERGED_WEIGHTS_NAME,
+    TRANSFORMER_DIR,
+)
+from refrl.runfolder.layout import resolve_checkpoint
 
 
 def backend_class(kind: str) -> type[DiffusersPolicy]:
@@ -73,8 +43,6 @@ def build_diffusers_policy(cfg: Any) -> DiffusersPolicy:
     """A fresh adapter from ``cfg`` (or ``cfg.init`` loaded with its LoRA merged), then a
     new LoRA of ``cfg.lora_rank`` (or a full fine-tune when the rank is 0)."""
     if cfg.init:
-        from refrl.models.build import resolve_checkpoint
-
         policy = load_diffusers_policy(resolve_checkpoint(cfg.init), overrides=cfg)
         policy.merge_lora()  # the starting model is the reference of the new adapter
     else:
@@ -93,8 +61,6 @@ def load_diffusers_policy(directory: str | Path, overrides: Any = None) -> Diffu
     text cache, reference cache) and, when given, where the base model lives; not what
     defines the model (kind, resolution, backend options)."""
     from safetensors.torch import load_file
-
-    from refrl.models.build import ModelConfig
 
     directory = Path(directory)
     path = directory / CONFIG_NAME

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from refrl.files import save_safetensors
+from refrl.runfolder.files import save_safetensors
 
 DEFAULT_MEMORY_ITEMS = 512  # samples kept in memory (RefWorld prompts rarely repeat)
 
@@ -61,9 +61,7 @@ class TextEmbeddingCache:
         value = {k: v.detach().to("cpu").contiguous() for k, v in value.items()}
         self._remember(key, value)
         if self.folder is not None and not self._path(key).is_file():
-            tmp = self._path(key).with_suffix(".tmp")
-            save_safetensors(value, tmp)
-            tmp.replace(self._path(key))
+            save_safetensors(value, self._path(key))  # atomic: a reader never sees half a file
 
     def _remember(self, key: str, value: dict[str, torch.Tensor]) -> None:
         self._memory[key] = value

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from refrl.runfolder.rng import seeded_generator
 from refrl.sampling.rollout import encode_for_guidance, guided_velocity
 from refrl.train.ema import EMA
 from refrl.train.losses import velocity_kl
 from refrl.train.objectives.base import MinibatchLoss, Objective
-from refrl.train.run import seeded_generator
 
 TIME_STREAM, NOISE_STREAM = 8, 9  # seeded_generator streams of the training times and noises
 

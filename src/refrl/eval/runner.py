@@ -1,16 +1,11 @@
-"""Evaluation suites and the eval runner (``refrl eval``).
+"""The eval runner (``refrl eval``): build a suite by name, generate its images, score them.
 
-A suite is a list of `EvalItem`s — one image to generate each, with the sample the
-policy is conditioned on, the sample the rewards compare against and the noise
-stream ``(seed, noise_index)`` — plus the metrics it reports by default.
-
-Suites: ``refworld`` (RefWorld test split, unseen identities, every category, scored
-with every embedded reward), ``refine`` (RefWorld ``refine`` only: the OmniRefiner
-patch reward and PSNR inside / outside the mask), ``omniref`` (`refrl.eval.omniref`)
-and ``dreambench`` (`refrl.eval.dreambench`).
+Suites: ``refworld`` and ``refine`` (`refrl.eval.refworld`), ``omniref``
+(`refrl.eval.omniref`) and ``dreambench`` (`refrl.eval.dreambench`); what a suite is:
+`refrl.eval.suite`; which rewards score it: `refrl.eval.metrics`.
 
 The runner caches generation: each image is written to ``DIR/images/<image_id>.png``
-(the id made safe by `refrl.files.safe_filename`) as soon as its batch is done, and a rerun with the same checkpoint, seed, steps, cfg
+(the id made safe by `refrl.runfolder.files.safe_filename`) as soon as its batch is done, and a rerun with the same checkpoint, seed, steps, cfg
 and suite parameters (``DIR/eval_meta.json``) generates only the missing ones, so an
 interrupted eval resumes; a cached PNG that does not decode (a torn write) is generated
 again. Rewards always score the PNGs, so a resumed eval gives
@@ -28,29 +23,26 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.eval.scoring import MaskedPSNR, aggregate, score_images
-from refrl.files import atomic_write_text, lock_run_folder, safe_filename
+from refrl.eval.metrics import build_metrics, parse_metric_specs, parse_reward_options
+from refrl.eval.refworld import DEFAULT_N, refine_suite, refworld_suite
+from refrl.eval.scoring import aggregate, score_images
+from refrl.eval.suite import DEFAULT_IMAGE_SIZE, EvalItem, Suite
 from refrl.models.policy import Policy
 from refrl.rewards.base import Reward
+from refrl.runfolder.files import atomic_write_text
+from refrl.runfolder.layout import resolve_checkpoint
+from refrl.runfolder.lock import lock_run_folder
 
 log = logging.getLogger(__name__)
 
 SUITE_NAMES = ("refworld", "omniref", "dreambench", "refine")
-DEFAULT_N = {"refworld": 96, "refine": 48}
-REFWORLD_SPLIT = "test"  # unseen subject identities
-REFWORLD_LEVEL = 2  # the full world: patterns, textured and photo backgrounds
-DEFAULT_IMAGE_SIZE = 32  # when the policy does not say (the tiny DiT's native size)
-REFWORLD_METRICS = ("identity", "layout", "style", "background", "fidelity", "patch")
-REFINE_METRICS = ("patch", "psnr_inside", "psnr_outside")
 DEFAULT_STEPS = 20  # METHODS.md: 20-40 denoising steps for evaluation
 DEFAULT_CFG = 2.0
 DEFAULT_BATCH_SIZE = 16
@@ -61,144 +53,6 @@ EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
 META_FILE = "eval_meta.json"
 GRID_FILE = "grid.png"
-
-
-@dataclass
-class EvalItem:
-    """One image to generate: conditioned on ``sample``, scored against ``score_sample``
-    (default: the same sample), with noise ``(seed, noise_index)``."""
-
-    image_id: str
-    sample: LoadedSample
-    noise_index: int
-    score_sample: LoadedSample | None = None
-    record: dict[str, Any] = field(default_factory=dict)  # extra fields for samples.jsonl
-
-    @property
-    def scored(self) -> LoadedSample:
-        return self.score_sample if self.score_sample is not None else self.sample
-
-    @property
-    def file_name(self) -> str:
-        """``<image_id>.png``, the id made safe to use as a file name (ids come from data)."""
-        return f"{safe_filename(self.image_id)}.png"
-
-
-@dataclass
-class Suite:
-    """Items to generate, the metrics to report and what identifies the generated images."""
-
-    name: str
-    items: list[EvalItem]
-    metrics: dict[str, str]  # metric name -> reward name (`refrl.rewards.build`) or builtin metric
-    size: tuple[int, int]
-    params: dict[str, Any]  # suite parameters that determine the images (checked on resume)
-    n_samples: int
-    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    group_keys: tuple[str, ...] = ()  # extra aggregation keys of the records (e.g. subject)
-    protocol: str = ""
-
-
-# --------------------------------------------------------------------------- metric specs
-
-BUILTIN_METRICS: dict[str, Callable[[], Reward]] = {
-    "psnr_inside": lambda: MaskedPSNR("inside"),
-    "psnr_outside": lambda: MaskedPSNR("outside"),
-}
-
-
-def parse_metric_specs(specs: str | Sequence[str]) -> dict[str, str]:
-    """``"identity,subject=dino_seg"`` (or a list of such items) -> {metric: reward name}.
-
-    ``NAME`` reports reward NAME under its own name; ``METRIC=NAME`` under ``METRIC``.
-    """
-    items = [s for part in ([specs] if isinstance(specs, str) else specs) for s in str(part).split(",")]
-    out: dict[str, str] = {}
-    for item in (s.strip() for s in items):
-        if not item:
-            continue
-        metric, _, reward = item.partition("=")
-        metric, reward = metric.strip(), (reward.strip() or metric.strip())
-        if not metric or not reward:
-            raise RefrlError(f"bad reward spec {item!r}; expected NAME or METRIC=NAME")
-        if metric in out:
-            raise RefrlError(f"metric {metric!r} given twice in the reward list")
-        out[metric] = reward
-    if not out:
-        raise RefrlError("no rewards given; expected a comma-separated list such as identity,layout")
-    return out
-
-
-def parse_reward_options(texts: Sequence[str], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["csd.model_path=/m", "dino.batch_size=8"]`` -> {"csd": {...}, "dino": {...}} (values as YAML)."""
-    from refrl.config import parse_override
-
-    out: dict[str, dict[str, Any]] = {}
-    for text in texts:
-        keys, value = parse_override(text)
-        if len(keys) != 2:
-            raise RefrlError(f"reward option {text!r} must be METRIC.KEY=VALUE")
-        if keys[0] not in metrics:
-            raise RefrlError(f"reward option {text!r} names metric {keys[0]!r}; metrics: {', '.join(metrics)}")
-        out.setdefault(keys[0], {})[keys[1]] = value
-    return out
-
-
-def build_metrics(metrics: Mapping[str, str], options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Reward]:
-    """One `Reward` per metric: builtin metrics here, everything else through `refrl.rewards.build`."""
-    options = options or {}
-    out: dict[str, Reward] = {}
-    for metric, reward in metrics.items():
-        if reward in BUILTIN_METRICS:
-            if options.get(metric):
-                raise RefrlError(f"metric {metric!r} ({reward}) takes no options, got {dict(options[metric])}")
-            out[metric] = BUILTIN_METRICS[reward]()
-            continue
-        from refrl.rewards import build
-
-        out[metric] = build(reward, **dict(options.get(metric, {})))
-    return out
-
-
-# --------------------------------------------------------------------------- embedded suites
-
-
-def _limited(n: int, limit: int | None) -> int:
-    if n < 1 or (limit is not None and limit < 1):
-        raise RefrlError(f"the number of samples must be >= 1, got n={n}, limit={limit}")
-    return min(n, limit) if limit is not None else n
-
-
-def refworld_suite(
-    n: int = DEFAULT_N["refworld"], seed: int = 0, limit: int | None = None, size: int = DEFAULT_IMAGE_SIZE,
-    level: int = REFWORLD_LEVEL, categories: Sequence[str] | None = None, name: str = "refworld",
-    metrics: Sequence[str] = REFWORLD_METRICS, split: str = REFWORLD_SPLIT,
-) -> Suite:
-    """RefWorld test split (unseen identities), sample i a pure function of ``(seed, i)``.
-
-    ``split="train"`` scores on identities seen in training instead: the gap to the test
-    split separates what a run learned about its training subjects from what generalises.
-    """
-    from refrl.data.refworld import generate
-
-    n = _limited(n, limit)
-    samples = generate(n, seed, split=split, size=size, categories=categories, level=level)
-    return Suite(
-        name=name,
-        items=[EvalItem(s.id, s, i) for i, s in enumerate(samples)],
-        metrics={m: m for m in metrics},
-        size=(size, size),
-        params={"split": split, "level": level, "categories": list(categories) if categories else None,
-                "data_seed": seed},
-        n_samples=n,
-        protocol=f"RefWorld {split} split{' (unseen identities)' if split == 'test' else ''}, level {level}, one image per sample",
-    )
-
-
-def refine_suite(n: int = DEFAULT_N["refine"], seed: int = 0, limit: int | None = None,
-                 size: int = DEFAULT_IMAGE_SIZE, level: int = REFWORLD_LEVEL) -> Suite:
-    """RefWorld ``refine`` tasks (OmniRefiner): patch reward and PSNR inside / outside the mask."""
-    return refworld_suite(n, seed, limit, size, level, categories=["refine"], name="refine", metrics=REFINE_METRICS)
 
 
 def build_suite(name: str, *, seed: int = 0, n: int | None = None, limit: int | None = None,
@@ -240,8 +94,6 @@ def policy_image_size(policy: Any, default: int = DEFAULT_IMAGE_SIZE) -> int:
 
 def checkpoint_stamp(ckpt: str | os.PathLike) -> dict[str, Any]:
     """What identifies a checkpoint's weights: its resolved folder and newest file time."""
-    from refrl.models.build import resolve_checkpoint
-
     path = resolve_checkpoint(ckpt)
     mtimes = [p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()]
     return {"ckpt_path": str(path.resolve()), "ckpt_mtime_ns": max(mtimes, default=0)}
@@ -320,7 +172,7 @@ def run_eval(
     """Generate the suite's missing images, score every image, write eval.json / samples.jsonl / grid.png.
 
     ``policy`` may be a zero-argument loader, called only when some image is missing.
-    Holds the lock of ``out_dir`` (`refrl.files.lock_run_folder`). Returns the eval.json contents.
+    Holds the lock of ``out_dir`` (`refrl.runfolder.lock.lock_run_folder`). Returns the eval.json contents.
     """
     if batch_size < 1:
         raise RefrlError(f"batch_size must be >= 1, got {batch_size}")
