@@ -11,13 +11,11 @@ Names a user can pass wherever a checkpoint is taken (``--ckpt``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field
-
-from refrl.config import StrictModel
 from refrl.errors import ConfigError, RefrlError
-from refrl.models.diffusers.options import DIFFUSERS_KINDS, DiffusersOptions
+from refrl.models.config import ModelConfig  # noqa: F401  (re-exported: the `model:` section's type)
+from refrl.models.config_base import ModelOptions
+from refrl.models.diffusers import DIFFUSERS_KINDS
 from refrl.models.policy import Policy
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -26,34 +24,6 @@ SHIPPED = {"tiny-sft": ASSETS / "tiny-sft"}
 
 # LoRA targets of the tiny DiT when `lora_targets` is not given (diffusers kinds have their own).
 TINY_LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]
-
-
-class ModelConfig(StrictModel):
-    kind: Literal["tiny-dit", "flux2-klein", "qwen-edit-plus", "kontext"] = "tiny-dit"
-    init: str | None = Field(None, description="start from this checkpoint (tiny-sft, run or checkpoint folder)")
-    image_size: int = Field(32, description="tiny-dit: image size; diffusers kinds: generation resolution")
-    patch: int = 4
-    ref_size: int = Field(32, description="references are resized to this square size")
-    ref_patch: int = 8
-    width: int = 256
-    depth: int = 6
-    heads: int = 4
-    mlp_ratio: int = 4
-    max_refs: int = 8
-    max_text_len: int = 48
-    use_ref_cache: bool = True
-    tie_index_words: bool = Field(False, description="tiny-dit: reference i also gets the embedding of the word naming it")
-    prediction: Literal["v", "x0"] = Field("x0", description="what the network's head predicts (x0: JiT-style)")
-    lora_rank: int = Field(0, ge=0, description="0 = full fine-tune; >0 = LoRA of this rank (peft)")
-    lora_alpha: float | None = Field(None, description="default: equal to the rank")
-    lora_targets: list[str] | None = Field(None, description="LoRA target module suffixes (None: the kind's default)")
-    # diffusers kinds (flux2-klein, qwen-edit-plus, kontext); see docs/backends.md
-    pretrained: str | None = Field(None, description="diffusers kinds: hub id or local pipeline folder")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="diffusers kinds: weights dtype")
-    device: str = Field("auto", description="diffusers kinds: auto = this process's GPU if any, else cpu")
-    gradient_checkpointing: bool = False
-    text_cache: str | None = Field(None, description="diffusers kinds: folder of precomputed text embeddings")
-    diffusers: DiffusersOptions = DiffusersOptions()
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -118,14 +88,14 @@ def _index_word_ids(tok, n: int) -> list[int]:
     return [tok.word_to_id.get(str(i + 1), -1) for i in range(n)]
 
 
-def build_policy(cfg: ModelConfig) -> Policy:
-    """A fresh policy from ``cfg`` (or ``cfg.init`` loaded), with LoRA if asked."""
+def build_policy(cfg: ModelOptions) -> Policy:
+    """A fresh policy from a model config (or its ``init`` loaded), with LoRA if asked."""
     if cfg.kind in DIFFUSERS_KINDS:
         from refrl.models.diffusers import build_diffusers_policy
 
         return build_diffusers_policy(cfg)
     from refrl.data.refworld.vocab import WORDS
-    from refrl.models.tiny_dit import TinyDiTConfig
+    from refrl.models.tiny_dit_config import TinyDiTArch, TinyDiTConfig
     from refrl.models.tiny_dit_policy import TinyDiTPolicy
     from refrl.models.tokenizer import WordTokenizer
 
@@ -134,16 +104,10 @@ def build_policy(cfg: ModelConfig) -> Policy:
         policy.use_ref_cache = cfg.use_ref_cache
     else:
         tok = WordTokenizer.from_words(WORDS)
-        try:
-            arch = TinyDiTConfig(
-                vocab_size=tok.vocab_size, image_size=cfg.image_size, patch=cfg.patch, ref_size=cfg.ref_size,
-                ref_patch=cfg.ref_patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-                max_refs=cfg.max_refs, max_text_len=cfg.max_text_len, use_ref_cache=cfg.use_ref_cache,
-                prediction=cfg.prediction,
-                index_word_ids=_index_word_ids(tok, cfg.max_refs) if cfg.tie_index_words else None,
-            )
-        except ValueError as e:  # the architecture's own checks (sizes that do not divide, ...)
-            raise ConfigError(f"config section 'model': {e}".replace("TinyDiTConfig.", "model.")) from None
+        arch = TinyDiTConfig(
+            **cfg.model_dump(include=set(TinyDiTArch.model_fields)), vocab_size=tok.vocab_size,
+            index_word_ids=_index_word_ids(tok, cfg.max_refs) if cfg.tie_index_words else None,
+        )
         policy = TinyDiTPolicy(tok, arch)
     if cfg.lora_rank > 0:
         policy.enable_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank,

@@ -15,13 +15,12 @@ from typing import Any
 
 from refrl.errors import RefrlError
 from refrl.models.diffusers.common import DiffusersPolicy
-from refrl.models.diffusers.options import DIFFUSERS_KINDS
+from refrl.models.diffusers.options import FORMAT
 
 CONFIG_NAME = "config.json"
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 MERGED_WEIGHTS_NAME = "merged-{}.safetensors"
 TRANSFORMER_DIR = "transformer"  # full fine-tunes save the whole transformer here
-FORMAT = "refrl-diffusers-policy"
 
 
 def save_policy(policy: DiffusersPolicy, directory: str | Path) -> None:
@@ -51,15 +50,10 @@ def save_policy(policy: DiffusersPolicy, directory: str | Path) -> None:
 
 
 def backend_class(kind: str) -> type[DiffusersPolicy]:
-    if kind == "flux2-klein":
-        from refrl.models.diffusers.flux2_klein import Flux2KleinPolicy as cls
-    elif kind == "qwen-edit-plus":
-        from refrl.models.diffusers.qwen_edit_plus import QwenEditPlusPolicy as cls
-    elif kind == "kontext":
-        from refrl.models.diffusers.kontext import KontextPolicy as cls
-    else:
-        raise RefrlError(f"unknown diffusers kind {kind!r}; allowed: {', '.join(DIFFUSERS_KINDS)}")
-    return cls
+    """The adapter class registered for ``kind`` (see `refrl.models.diffusers.registry`)."""
+    from refrl.models.diffusers import backend
+
+    return backend(kind)
 
 
 def build_base(cfg: Any) -> DiffusersPolicy:
@@ -94,7 +88,7 @@ def load_diffusers_policy(directory: str | Path, overrides: Any = None) -> Diffu
     defines the model (kind, resolution, backend options)."""
     from safetensors.torch import load_file
 
-    from refrl.models.build import ModelConfig
+    from refrl.models.config import parse_model_config
 
     directory = Path(directory)
     path = directory / CONFIG_NAME
@@ -111,7 +105,7 @@ def load_diffusers_policy(directory: str | Path, overrides: Any = None) -> Diffu
         for key in ("device", "dtype", "gradient_checkpointing", "text_cache", "use_ref_cache"):
             model[key] = getattr(overrides, key)
         model["pretrained"] = overrides.pretrained or model["pretrained"]  # the same base, maybe elsewhere
-    cfg = ModelConfig.model_validate(model)
+    cfg = parse_model_config(model)
     needed = [MERGED_WEIGHTS_NAME.format(i) for i in range(len(info.get("merged_adapters", [])))]
     needed += [ADAPTER_WEIGHTS_NAME] if info.get("lora") else []
     missing = [n for n in needed if not (directory / n).is_file()]
