@@ -63,6 +63,10 @@ class TinyDiTPolicy(nn.Module):
         return self.net.config
 
     @property
+    def image_size(self) -> int:
+        return self.net.config.image_size
+
+    @property
     def use_ref_cache(self) -> bool:
         return self.net.use_ref_cache
 

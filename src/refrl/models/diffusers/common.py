@@ -203,6 +203,11 @@ class DiffusersPolicy(FinetuneMixin, nn.Module):
     def device(self) -> torch.device:
         return self.device_
 
+    @property
+    def image_size(self) -> int:
+        """The generation resolution, ``model.image_size``."""
+        return self.cfg.image_size
+
     def encode_condition(self, samples: Sequence[LoadedSample], drop_text: torch.Tensor | None = None,
                          drop_refs: torch.Tensor | None = None) -> DiffusersCondition:
         b = len(samples)
