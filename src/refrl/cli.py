@@ -287,27 +287,15 @@ def eval_cmd(
 
     Every flag is an override of the config (`EvalConfig`): `refrl eval -c configs/eval-refworld.yaml
     --ckpt runs/grpo --out runs/grpo/eval steps=40`."""
-    from refrl.config import apply_overrides, read_yaml, validate_config
-    from refrl.eval.config import EvalConfig, evaluate
+    from refrl.eval.config import evaluate, load_eval_config
 
-    values = read_yaml(config) if config is not None else {}
-    apply_overrides(values, list(overrides or []))
     flags = {"ckpt": ckpt, "suite": suite, "limit": limit, "n": n, "data": data, "root": root, "rewards": rewards,
-             "steps": steps, "cfg": cfg, "seed": seed, "batch_size": batch_size, "split": split, "level": level}
-    values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
-    if force:
-        values["force"] = True
-    for text in reward_option or []:
-        key = text.partition("=")[0]
-        if "=" not in text or key.count(".") != 1 or not all(key.split(".")):
-            fail(f"--reward-option {text!r} must be METRIC.KEY=VALUE")
-        apply_overrides(values, [f"reward_options.{text}"])
-    for name in ("ckpt", "suite"):  # required, from a flag or the config
-        if values.get(name) is None:
-            fail(f"Missing option '--{name}' (or {name}= in the config)")
+             "steps": steps, "cfg": cfg, "seed": seed, "batch_size": batch_size, "split": split, "level": level,
+             "force": force or None}
+    eval_cfg = load_eval_config(config, list(overrides or []), flags, reward_option or [])
     if out is None:
         fail("Missing option '--out'")
-    res = evaluate(validate_config(EvalConfig, values, source=str(config) if config else "eval"), out)
+    res = evaluate(eval_cfg, out)
     overall = res["metrics"]["overall"]
     summary = ", ".join(f"{k} {v['mean']:.4g}" for k, v in overall.items() if isinstance(v, dict) and v["n"])
     typer.echo(f"{res['suite']}: {res['n_images']} images ({res['generated']} generated); {summary}")

@@ -9,11 +9,12 @@ its metrics, run `refrl.eval.suites.run_eval`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from refrl.config import StrictModel, validate_config
+from refrl.config import StrictModel, apply_overrides, read_yaml, validate_config
 from refrl.errors import ConfigError, RefrlError
 from refrl.eval.suites import (
     DEFAULT_BATCH_SIZE,
@@ -90,3 +91,21 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike) -> dict[str, Any]:
 def eval_command(ckpt: str, suite: str, out: str | os.PathLike, **options: Any) -> dict[str, Any]:
     """`evaluate` with the config given as keywords (``n=48, seed=1``; `EvalConfig`'s keys)."""
     return evaluate(validate_config(EvalConfig, {"ckpt": str(ckpt), "suite": suite, **options}, source="eval"), out)
+
+
+def load_eval_config(path: str | os.PathLike | None, overrides: Sequence[str], flags: Mapping[str, Any],
+                     reward_options: Sequence[str] = ()) -> EvalConfig:
+    """What ``refrl eval`` runs: the preset at ``path`` (or the defaults), then ``key=value``
+    ``overrides``, then the command's flags (None: not given) and ``METRIC.KEY=VALUE`` reward options."""
+    values = read_yaml(path) if path is not None else {}
+    apply_overrides(values, list(overrides))
+    values.update({k: str(v) if isinstance(v, os.PathLike) else v for k, v in flags.items() if v is not None})
+    for text in reward_options:
+        key = text.partition("=")[0]
+        if "=" not in text or key.count(".") != 1 or not all(key.split(".")):
+            raise ConfigError(f"--reward-option {text!r} must be METRIC.KEY=VALUE")
+        apply_overrides(values, [f"reward_options.{text}"])
+    for name in ("ckpt", "suite"):  # required, from a flag or the config
+        if values.get(name) is None:
+            raise ConfigError(f"Missing option '--{name}' (or {name}= in the config)")
+    return validate_config(EvalConfig, values, source=str(path) if path is not None else "eval")
