@@ -23,7 +23,7 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     tok = WordTokenizer.from_words(WORDS)
-    policy = TinyDiTPolicy(tok, TinyDiTConfig(vocab_size=tok.vocab_size, width=32, depth=2, heads=2))
+    policy = TinyDiTPolicy(tok, TinyDiTConfig(vocab_size=tok.vocab_size, width=32, depth=2, heads=2, prediction="v"))
     # Non-zero output head so rollouts depend on the weights (it is zero-initialised).
     with torch.no_grad():
         for p in policy.parameters():

@@ -199,3 +199,16 @@ def test_bfloat16_weights_with_float32_lora_and_velocities(folder):
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
     reference = probe(build_policy(tiny.tiny_model_config(KIND, folder)))
     assert 0 < (v - reference).abs().max() < 0.1 * reference.abs().max()  # bf16 rounding, same model
+
+
+def test_eval_generates_at_the_policys_image_size(folder, tmp_path):
+    """`Policy.image_size`, not a tiny-DiT-only config read: a diffusers policy at 64 px is evaluated at 64 px."""
+    from refrl.eval.config import eval_command
+    from refrl.eval.runner import policy_image_size
+
+    policy = build_policy(tiny.tiny_model_config(KIND, folder, image_size=64, lora_rank=2))
+    assert policy.image_size == policy_image_size(policy) == 64
+    policy.save_pretrained(tmp_path / "policy")
+    res = eval_command(str(tmp_path / "policy"), "refworld", tmp_path / "eval", n=2, steps=1, batch_size=2,
+                       rewards="fidelity")
+    assert res["size"] == [64, 64]

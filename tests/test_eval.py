@@ -37,7 +37,7 @@ from refrl.models.tokenizer import WordTokenizer
 from refrl.rewards.base import RewardOutput
 
 TINY = dict(image_size=32, patch=8, ref_size=16, ref_patch=8, width=32, depth=1, heads=2, mlp_ratio=2, max_refs=8,
-            max_text_len=48)
+            max_text_len=48, prediction="v")
 STEPS = 2
 
 

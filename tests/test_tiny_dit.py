@@ -19,7 +19,8 @@ from refrl.models.tiny_dit_policy import TinyDiTPolicy
 from refrl.models.tokenizer import PAD_ID, UNK_ID, WordTokenizer, split_words
 
 WORDS = ["put the subject of image at top left right large small", "in style background 1 2 3 4"]
-TINY = dict(image_size=16, patch=4, ref_size=16, ref_patch=8, width=32, depth=2, heads=2, mlp_ratio=2, max_refs=4, max_text_len=12)
+TINY = dict(image_size=16, patch=4, ref_size=16, ref_patch=8, width=32, depth=2, heads=2, mlp_ratio=2, max_refs=4, max_text_len=12,
+            prediction="v")
 ATOL = 1e-5
 
 

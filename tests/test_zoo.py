@@ -324,7 +324,7 @@ def test_grpo_runs_one_iteration_with_zoo_rewards(tiny, tmp_path):
     torch.manual_seed(0)
     tok = WordTokenizer.from_words(WORDS)
     policy_dir = tmp_path / "policy"
-    TinyDiTPolicy(tok, TinyDiTConfig(vocab_size=tok.vocab_size, width=32, depth=1, heads=2)).save_pretrained(policy_dir)
+    TinyDiTPolicy(tok, TinyDiTConfig(vocab_size=tok.vocab_size, width=32, depth=1, heads=2, prediction="v")).save_pretrained(policy_dir)
     cfg = load_config(GRPOConfig, "configs/tiny-cpu-grpo.yaml", [
         f"model.init={policy_dir}", "iterations=1", "groups_per_iteration=2", "group_size=2", "minibatch_size=4",
         "sampling.steps=3", "data.max_refs=2", "checkpoint_every=1",

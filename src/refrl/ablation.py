@@ -119,7 +119,7 @@ def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False,
 
 
 def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[str], ckpt: str, eval_seed: int) -> Path:
-    from refrl.eval.runner import eval_command
+    from refrl.eval.config import eval_command
     from refrl.train.grpo import train_grpo
 
     budget = BUDGETS["quick" if quick else "default"]

@@ -264,29 +264,38 @@ def serve_reward_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    ckpt: Annotated[str, typer.Option(help="tiny-sft, a run folder or a checkpoint folder.")],
-    suite: Annotated[str, typer.Option(help="refworld | omniref | dreambench | refine")],
-    out: Annotated[Path, typer.Option(help="Output folder (images/ cache, eval.json, samples.jsonl, grid.png).", **OUT_DIR)],
+    overrides: OverridesArg = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML preset (e.g. configs/eval-refworld.yaml).")] = None,
+    ckpt: Annotated[str | None, typer.Option(help="tiny-sft, a run folder or a checkpoint folder (or ckpt= in the config).")] = None,
+    suite: Annotated[str | None, typer.Option(help="refworld | omniref | dreambench | refine (or suite= in the config)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (images/ cache, eval.json, samples.jsonl, grid.png).", **OUT_DIR)] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples.", min=1)] = None,
     n: Annotated[int | None, typer.Option(help="refworld/refine: number of samples (default 96 / 48).", min=1)] = None,
     data: Annotated[Path | None, typer.Option(help="omniref: metadata JSON; dreambench: the DreamBench folder.")] = None,
     root: Annotated[Path | None, typer.Option(help="omniref: folder the image paths are relative to.")] = None,
     rewards: Annotated[str | None, typer.Option(help="Metrics, comma-separated NAME or METRIC=REWARD (default: the suite's).")] = None,
     reward_option: Annotated[list[str] | None, typer.Option(help="METRIC.KEY=VALUE, repeatable, e.g. dino.checkpoint=/models/dino")] = None,
-    steps: Annotated[int, typer.Option(help="ODE steps.", min=1)] = 20,
-    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")] = 2.0,
-    seed: Annotated[int, typer.Option(help="Seed of the samples (refworld) and of the noise.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per generation / scoring batch.", min=1)] = 16,
+    steps: Annotated[int | None, typer.Option(help="ODE steps (default 20).", min=1)] = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off; default 2).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the samples (refworld) and of the noise (default 0).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per generation / scoring batch (default 16).", min=1)] = None,
     force: Annotated[bool, typer.Option(help="Delete images generated with other settings and start over.")] = False,
     split: Annotated[str | None, typer.Option(help="refworld: train | val | test (default test: unseen identities).")] = None,
     level: Annotated[int | None, typer.Option(help="refworld: difficulty 0-2 (default 2).", min=0, max=2)] = None,
 ) -> None:
-    """Generate (cached: an interrupted eval resumes) and score a suite; writes OUT/eval.json."""
-    from refrl.eval.runner import eval_command
+    """Generate (cached: an interrupted eval resumes) and score a suite; writes OUT/eval.json.
 
-    res = eval_command(ckpt, suite, out, limit=limit, n=n, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size,
-                       data=data, root=root, rewards=rewards, reward_options=reward_option or [], force=force,
-                       split=split, level=level)
+    Every flag is an override of the config (`EvalConfig`): `refrl eval -c configs/eval-refworld.yaml
+    --ckpt runs/grpo --out runs/grpo/eval steps=40`."""
+    from refrl.eval.config import evaluate, load_eval_config
+
+    flags = {"ckpt": ckpt, "suite": suite, "limit": limit, "n": n, "data": data, "root": root, "rewards": rewards,
+             "steps": steps, "cfg": cfg, "seed": seed, "batch_size": batch_size, "split": split, "level": level,
+             "force": force or None}
+    eval_cfg = load_eval_config(config, list(overrides or []), flags, reward_option or [])
+    if out is None:
+        fail("Missing option '--out'")
+    res = evaluate(eval_cfg, out)
     overall = res["metrics"]["overall"]
     summary = ", ".join(f"{k} {v['mean']:.4g}" for k, v in overall.items() if isinstance(v, dict) and v["n"])
     typer.echo(f"{res['suite']}: {res['n_images']} images ({res['generated']} generated); {summary}")

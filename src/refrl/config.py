@@ -64,25 +64,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names allowed at a location of a (nested) model, for error messages."""
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[Any], Any]:
+    """The key parts of an error location, and the type holding its last part.
+
+    A type standing for a tagged union (``union_member(tag)`` gives the member class, as
+    `refrl.models.config.ModelConfig` does) puts the tag in the location: it is skipped."""
+    parts: list[Any] = []
     current: Any = model
-    for part in loc[:-1]:
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        current = field.annotation
-    return sorted(getattr(current, "model_fields", {}).keys())
+    parent: Any = None
+    for part in loc:
+        member = getattr(current, "union_member", None)
+        if isinstance(part, str) and member is not None and member(part) is not None:
+            current = member(part)
+            continue
+        parts.append(part)
+        parent = current
+        field = getattr(current, "model_fields", {}).get(part) if isinstance(part, str) else None
+        current = field.annotation if field is not None else None
+    return parts, parent
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
     """One readable line per problem: the dotted key, what is wrong, the allowed values."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parts, parent = _walk(model, tuple(e["loc"]))
+        key = ".".join(str(p) for p in parts) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, tuple(e["loc"]))
+            allowed = sorted(getattr(parent, "model_fields", {}).keys())
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
         else:
             msg = f"{msg} (got {e.get('input')!r})"

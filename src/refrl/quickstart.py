@@ -58,8 +58,8 @@ def run_quickstart(out: str | Path, seed: int = 0, eval_n: int = EVAL_N) -> Path
 
 def _run_quickstart(out: Path, seed: int, eval_n: int) -> Path:
     from refrl.data.refworld import generate_refworld_to_disk
+    from refrl.eval.config import eval_command
     from refrl.eval.report import write_report
-    from refrl.eval.runner import eval_command
     from refrl.train.grpo import train_grpo
 
     console = Console(stderr=True)

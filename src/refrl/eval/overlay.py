@@ -162,6 +162,6 @@ def write_overlay_report(run_dirs: Sequence[str | os.PathLike], out: str | os.Pa
     )
     parent = Path(os.path.commonpath([str(p) for p in labels.values()]))
     out_path = Path(out) if out is not None else parent / OVERLAY_FILE
-    from refrl.files import atomic_write_text
+    from refrl.runfolder.files import atomic_write_text
 
     return atomic_write_text(out_path, page)

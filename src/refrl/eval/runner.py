@@ -30,7 +30,6 @@ import torch
 from tqdm.auto import tqdm
 
 from refrl.errors import RefrlError
-from refrl.eval.metrics import build_metrics, parse_metric_specs, parse_reward_options
 from refrl.eval.refworld import DEFAULT_N, refine_suite, refworld_suite
 from refrl.eval.scoring import aggregate, score_images
 from refrl.eval.suite import DEFAULT_IMAGE_SIZE, EvalItem, Suite
@@ -87,9 +86,9 @@ def build_suite(name: str, *, seed: int = 0, n: int | None = None, limit: int | 
 # --------------------------------------------------------------------------- the runner
 
 
-def policy_image_size(policy: Any, default: int = DEFAULT_IMAGE_SIZE) -> int:
-    """The size a policy generates at natively (its config's ``image_size``), else ``default``."""
-    return int(getattr(getattr(policy, "config", None), "image_size", default) or default)
+def policy_image_size(policy: Policy) -> int:
+    """The size a policy generates at natively (`Policy.image_size`)."""
+    return int(policy.image_size)
 
 
 def checkpoint_stamp(ckpt: str | os.PathLike) -> dict[str, Any]:
@@ -257,33 +256,3 @@ def _run_eval(policy, suite: Suite, out: Path, *, metrics, ckpt, ckpt_stamp, see
     atomic_write_text(out / EVAL_FILE, json.dumps(json_clean(result), indent=2) + "\n")
     save_grid(_grid_rows(suite.items[:GRID_ROWS], first_images), out / GRID_FILE)
     return result
-
-
-def eval_command(
-    ckpt: str, suite_name: str, out: str | os.PathLike, *, limit: int | None = None, n: int | None = None,
-    seed: int = 0, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, shift: float = 1.0,
-    batch_size: int = DEFAULT_BATCH_SIZE, data: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
-    rewards: str | None = None, reward_options: Sequence[str] = (), size: int | None = None, force: bool = False,
-    split: str | None = None, level: int | None = None,
-) -> dict[str, Any]:
-    """``refrl eval``: load the checkpoint, build the suite and its metrics, run the eval."""
-    from refrl.models.build import load_policy
-
-    if suite_name not in SUITE_NAMES:
-        raise RefrlError(f"unknown suite {suite_name!r}; allowed: {', '.join(SUITE_NAMES)}")
-    stamp = checkpoint_stamp(ckpt)
-    # the lock before loading: a busy --out is refused at once, not after minutes of loading
-    with lock_run_folder(out):
-        policy = load_policy(ckpt)
-        if hasattr(policy, "eval"):  # nn.Module policies: no train-mode randomness while sampling
-            policy.eval()
-        suite = build_suite(suite_name, seed=seed, n=n, limit=limit, size=size or policy_image_size(policy),
-                            data=data, root=root, split=split, level=level)
-        names = parse_metric_specs(rewards) if rewards else dict(suite.metrics)
-        options = {m: dict(o) for m, o in suite.reward_options.items() if m in names}
-        for metric, opts in parse_reward_options(reward_options, list(names)).items():
-            options.setdefault(metric, {}).update(opts)
-        metrics = build_metrics(names, options)
-        return run_eval(policy, suite, out, metrics=metrics, ckpt=ckpt, ckpt_stamp=stamp, seed=seed, steps=steps,
-                        cfg=cfg, shift=shift, batch_size=batch_size, force=force, reward_names=names,
-                        reward_options=options)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from refrl.errors import ConfigError
-from refrl.models.config import ModelConfig
-from refrl.models.diffusers.options import DIFFUSERS_KINDS
+from refrl.models.config import ModelConfig  # noqa: F401  (re-exported: the `model:` section's type)
+from refrl.models.config_base import ModelOptions
+from refrl.models.diffusers import DIFFUSERS_KINDS
 from refrl.models.policy import Policy
 from refrl.runfolder.layout import resolve_checkpoint
 
@@ -57,14 +58,14 @@ def _index_word_ids(tok, n: int) -> list[int]:
     return [tok.word_to_id.get(str(i + 1), -1) for i in range(n)]
 
 
-def build_policy(cfg: ModelConfig) -> Policy:
-    """A fresh policy from ``cfg`` (or ``cfg.init`` loaded), with LoRA if asked."""
+def build_policy(cfg: ModelOptions) -> Policy:
+    """A fresh policy from a model config (or its ``init`` loaded), with LoRA if asked."""
     if cfg.kind in DIFFUSERS_KINDS:
         from refrl.models.diffusers import build_diffusers_policy
 
         return build_diffusers_policy(cfg)
     from refrl.data.refworld.vocab import WORDS
-    from refrl.models.tiny_dit import TinyDiTConfig
+    from refrl.models.tiny_dit_config import TinyDiTArch, TinyDiTConfig
     from refrl.models.tiny_dit_policy import TinyDiTPolicy
     from refrl.models.tokenizer import WordTokenizer
 
@@ -73,16 +74,10 @@ def build_policy(cfg: ModelConfig) -> Policy:
         policy.use_ref_cache = cfg.use_ref_cache
     else:
         tok = WordTokenizer.from_words(WORDS)
-        try:
-            arch = TinyDiTConfig(
-                vocab_size=tok.vocab_size, image_size=cfg.image_size, patch=cfg.patch, ref_size=cfg.ref_size,
-                ref_patch=cfg.ref_patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-                max_refs=cfg.max_refs, max_text_len=cfg.max_text_len, use_ref_cache=cfg.use_ref_cache,
-                prediction=cfg.prediction,
-                index_word_ids=_index_word_ids(tok, cfg.max_refs) if cfg.tie_index_words else None,
-            )
-        except ValueError as e:  # the architecture's own checks (sizes that do not divide, ...)
-            raise ConfigError(f"config section 'model': {e}".replace("TinyDiTConfig.", "model.")) from None
+        arch = TinyDiTConfig(
+            **cfg.model_dump(include=set(TinyDiTArch.model_fields)), vocab_size=tok.vocab_size,
+            index_word_ids=_index_word_ids(tok, cfg.max_refs) if cfg.tie_index_words else None,
+        )
         policy = TinyDiTPolicy(tok, arch)
     if cfg.lora_rank > 0:
         policy.enable_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -77,6 +78,15 @@ class Policy(Protocol):
         Policies without an adapter raise ``NotImplementedError``; the trainer then
         keeps a frozen copy for the KL term instead.
         """
+        ...
+
+    @property
+    def image_size(self) -> int:
+        """The side, in pixels, of the square images the policy generates natively."""
+        ...
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the policy to folder ``path`` so that `refrl.models.build.load_policy` reads it back."""
         ...
 
     def train(self, mode: bool = True) -> Any: ...

@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refrl.data.schema import REFERENCE_TYPES
+from refrl.models.tiny_dit_config import SIGMA_FREQ_DIM, TinyDiTConfig
 
 # Sinusoidal sigma features: sigma is scaled to SD3-style timesteps (0..1000).
 SIGMA_SCALE = 1000.0
-SIGMA_FREQ_DIM = 256
 SIGMA_MAX_PERIOD = 10_000.0
 # 2D sin/cos positions are in units of image patches (at most image_size/patch = 8),
 # so a short maximum period keeps most frequencies informative.
@@ -41,123 +40,6 @@ POS_MAX_PERIOD = 100.0
 # Word, type, index and register embeddings start at the scale of the sin/cos
 # position features (rms 0.71), so the first LayerNorm sees them from step 0.
 EMBED_INIT_STD = 0.5
-
-
-@dataclass
-class TinyDiTConfig:
-    """Architecture of `TinyDiT`. ``vocab_size`` comes from the tokenizer."""
-
-    vocab_size: int | None = None
-    image_size: int = 32
-    patch: int = 4
-    ref_size: int = 32
-    ref_patch: int = 8
-    width: int = 256
-    depth: int = 6
-    heads: int = 4
-    mlp_ratio: int = 4
-    max_refs: int = 8
-    max_text_len: int = 48
-    n_ref_types: int = len(REFERENCE_TYPES)
-    use_ref_cache: bool = True
-    # "x0": the head predicts the clean image and v = (x - x0_hat) / max(sigma, floor).
-    # Pixel-space denoisers learn x-prediction much faster than v-prediction (Li & He
-    # 2025, "Back to Basics: Let Denoising Generative Models Denoise", JiT): the clean
-    # image is low-dimensional, the noise is not. "v": the head predicts v directly.
-    prediction: str = "v"
-    x0_sigma_floor: float = 0.05
-    # Word ids of "1", "2", ... (-1 where the vocabulary has none): reference i also carries the embedding of the word that
-    # names it in prompts ("image 3"), so text and references share a key from step 0
-    # instead of the model having to learn which index embedding "3" means.
-    index_word_ids: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("image_size", "patch", "ref_size", "ref_patch", "width", "depth", "heads", "mlp_ratio", "n_ref_types"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TinyDiTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_refs < 0 or self.max_text_len < 0:
-            raise ValueError(f"TinyDiTConfig.max_refs/max_text_len must be >= 0, got {self.max_refs}/{self.max_text_len}")
-        if self.image_size % self.patch or self.ref_size % self.ref_patch:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be a multiple of patch ({self.patch}) and "
-                f"ref_size ({self.ref_size}) of ref_patch ({self.ref_patch})"
-            )
-        if self.width % self.heads or (self.width // self.heads) % 2:
-            raise ValueError(f"width ({self.width}) must split into heads ({self.heads}) of even size")
-        if self.width % 4:
-            raise ValueError(f"width ({self.width}) must be a multiple of 4 (2D sin/cos positions)")
-        if self.index_word_ids is not None:
-            if len(self.index_word_ids) < self.max_refs:
-                raise ValueError(f"TinyDiTConfig.index_word_ids needs one word id per reference ({self.max_refs}), got {len(self.index_word_ids)}")
-            self.index_word_ids = [int(i) for i in self.index_word_ids]
-        if self.prediction not in ("v", "x0"):
-            raise ValueError(f"TinyDiTConfig.prediction must be 'v' or 'x0', got {self.prediction!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TinyDiTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TinyDiTConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
-
-    @property
-    def image_tokens(self) -> int:
-        return (self.image_size // self.patch) ** 2
-
-    @property
-    def tokens_per_ref(self) -> int:
-        return (self.ref_size // self.ref_patch) ** 2
-
-    @property
-    def patch_dim(self) -> int:
-        return 3 * self.patch**2
-
-    @property
-    def ref_patch_dim(self) -> int:
-        return 3 * self.ref_patch**2
-
-    @property
-    def hidden(self) -> int:
-        return self.width * self.mlp_ratio
-
-    def condition_tokens(self, n_refs: int, n_text: int) -> int:
-        """Condition stream length: register + words + reference patches."""
-        return 1 + n_text + n_refs * self.tokens_per_ref
-
-    def param_count(self) -> int:
-        """Number of parameters of `TinyDiT` with this config (analytic)."""
-        if self.vocab_size is None:
-            raise ValueError("TinyDiTConfig.vocab_size is not set (take it from the tokenizer)")
-        w, h, d = self.width, self.hidden, self.depth
-        linear = lambda i, o: i * o + o  # noqa: E731
-        mlp = linear(w, h) + linear(h, w)
-        attn = linear(w, 3 * w) + linear(w, w)
-        embeds = (self.vocab_size + self.max_text_len + 1 + self.n_ref_types + self.max_refs) * w
-        embeds += linear(self.ref_patch_dim, w) + linear(self.patch_dim, w)
-        sigma_mlp = linear(SIGMA_FREQ_DIM, w) + linear(w, w)
-        cond_blocks = (d - 1) * (2 * w + attn + 2 * w + mlp) + (2 * w + linear(w, 2 * w))
-        image_blocks = d * (attn + mlp + linear(w, 6 * w))
-        final = linear(w, 2 * w) + linear(w, self.patch_dim)
-        return embeds + sigma_mlp + cond_blocks + image_blocks + final
-
-    def flops_per_sample(self, n_refs: int, n_text: int, include_condition: bool = True) -> int:
-        """Forward matmul FLOPs (2 per multiply-add) of one sample's velocity.
-
-        ``include_condition=False`` counts a cached step: the image stream only (its
-        attention over the cached condition keys included). Elementwise ops, norms
-        and softmax are not counted.
-        """
-        w, h, d = self.width, self.hidden, self.depth
-        n, lc = self.image_tokens, self.condition_tokens(n_refs, n_text)
-        block = lambda t, keys: 2 * t * w * (4 * w + 2 * h) + 4 * t * keys * w  # noqa: E731
-        flops = 2 * n * self.patch_dim * w * 2  # patch embedding + output head
-        flops += 2 * (SIGMA_FREQ_DIM * w + w * w) + 2 * w * (6 * d + 2) * w  # sigma MLP + adaLN
-        flops += d * block(n, lc + n)
-        if include_condition:
-            flops += 2 * n_refs * self.tokens_per_ref * self.ref_patch_dim * w
-            flops += (d - 1) * block(lc, lc) + 2 * lc * w * 2 * w
-        return flops
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = SIGMA_MAX_PERIOD) -> torch.Tensor:

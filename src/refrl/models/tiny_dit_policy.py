@@ -16,7 +16,6 @@ reference policy.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -50,7 +49,7 @@ class TinyDiTPolicy(nn.Module):
         super().__init__()
         config = config or TinyDiTConfig()
         if config.vocab_size is None:
-            config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+            config = config.model_copy(update={"vocab_size": tokenizer.vocab_size})
         elif config.vocab_size < tokenizer.vocab_size:
             raise RefrlError(f"config vocab_size={config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} words")
         self.tokenizer = tokenizer
@@ -62,6 +61,10 @@ class TinyDiTPolicy(nn.Module):
     @property
     def config(self) -> TinyDiTConfig:
         return self.net.config
+
+    @property
+    def image_size(self) -> int:
+        return self.net.config.image_size
 
     @property
     def use_ref_cache(self) -> bool:
@@ -202,7 +205,7 @@ class TinyDiTPolicy(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors(self.base_state_dict(merge_lora), directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
         self.tokenizer.save(directory / TOKENIZER_NAME)
         for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):  # never leave a stale adapter behind
             (directory / name).unlink(missing_ok=True)

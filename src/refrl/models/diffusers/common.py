@@ -37,6 +37,7 @@ from torch import nn
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.models.diffusers.finetune import FinetuneMixin, checkpoint_with_fresh_kwargs
+from refrl.models.diffusers.options import DiffusersModelConfig
 from refrl.models.diffusers.text_cache import TextEmbeddingCache
 from refrl.models.inputs import drop_flags, resize_square
 
@@ -65,16 +66,6 @@ class DiffusersCondition:
         return int(self.index.shape[0])
 
 
-def pipeline_class(kind: str) -> type:
-    import diffusers
-
-    classes = {"flux2-klein": "Flux2KleinPipeline", "qwen-edit-plus": "QwenImageEditPlusPipeline",
-               "kontext": "FluxKontextPipeline"}
-    if kind not in classes:
-        raise RefrlError(f"unknown diffusers kind {kind!r}; allowed: {', '.join(classes)}")
-    return getattr(diffusers, classes[kind])
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto``: this process's GPU (``LOCAL_RANK`` under accelerate/torchrun) if there is one, else CPU."""
     if name != "auto":
@@ -87,11 +78,18 @@ def resolve_device(name: str) -> torch.device:
 class DiffusersPolicy(FinetuneMixin, nn.Module):
     """Base adapter: a diffusers pipeline's components behind the `Policy` protocol (see module doc)."""
 
-    kind: ClassVar[str]
+    kind: ClassVar[str]  # set from ``config_class``'s kind
+    config_class: ClassVar[type[DiffusersModelConfig]]  # the ``model:`` config of this kind
+    pipeline_class_name: ClassVar[str]  # the diffusers pipeline whose components the adapter drives
     text_components: ClassVar[tuple[str, ...]]  # pipeline parts used only to encode text
     skipped_components: ClassVar[tuple[str, ...]] = ()  # parts the adapter never uses
     default_lora_targets: ClassVar[tuple[str, ...]]
     transformer_class_name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:  # the kind is declared once, on the config
+            cls.kind = cls.config_class.model_fields["kind"].default
 
     def __init__(self, pipe: Any, cfg: Any):
         super().__init__()
@@ -123,6 +121,8 @@ class DiffusersPolicy(FinetuneMixin, nn.Module):
     @classmethod
     def from_config(cls, cfg: Any, transformer_dir: str | Path | None = None) -> DiffusersPolicy:
         """Load the pipeline named by ``cfg.pretrained`` (only the parts the adapter uses)."""
+        import diffusers
+
         from refrl.models.diffusers.loading import load_pipeline, resolve_pretrained
 
         text = list(cls.text_components) if cfg.diffusers.load_text_encoder else []
@@ -131,11 +131,9 @@ class DiffusersPolicy(FinetuneMixin, nn.Module):
         location = resolve_pretrained(cfg.pretrained, needed)
         extra = cls._ready_made_components(location, text)
         if transformer_dir is not None:
-            import diffusers
-
             transformer_cls = getattr(diffusers, cls.transformer_class_name)
             extra["transformer"] = transformer_cls.from_pretrained(transformer_dir, dtype=DTYPES[cfg.dtype])
-        pipe = load_pipeline(pipeline_class(cls.kind), location, skip=skip, extra=extra,
+        pipe = load_pipeline(getattr(diffusers, cls.pipeline_class_name), location, skip=skip, extra=extra,
                              torch_dtype=DTYPES[cfg.dtype], source=cfg.pretrained)
         return cls(pipe, cfg)
 
@@ -204,6 +202,11 @@ class DiffusersPolicy(FinetuneMixin, nn.Module):
     @property
     def device(self) -> torch.device:
         return self.device_
+
+    @property
+    def image_size(self) -> int:
+        """The generation resolution, ``model.image_size``."""
+        return self.cfg.image_size
 
     def encode_condition(self, samples: Sequence[LoadedSample], drop_text: torch.Tensor | None = None,
                          drop_refs: torch.Tensor | None = None) -> DiffusersCondition:

@@ -22,19 +22,42 @@ Two reference attentions (``model.diffusers.ref_attention``):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from refrl.errors import RefrlError
 from refrl.models.diffusers.common import DiffusersCondition, DiffusersPolicy
+from refrl.models.diffusers.options import DiffusersModelConfig, DiffusersOptions
 from refrl.models.diffusers.text_cache import text_key
 
 DEFAULT_MAX_TEXT_TOKENS = 512  # Flux2KleinPipeline.__call__(max_sequence_length=512)
 
 
+class Flux2KleinOptions(DiffusersOptions):
+    """``model.diffusers`` of kind ``flux2-klein``."""
+
+    text_encoder_out_layers: list[int] = Field([9, 18, 27], description="Qwen3 hidden layers stacked into the text embedding")
+    ref_attention: Literal["full", "causal"] = Field(
+        "full",
+        description="full = Flux2KleinPipeline (reference tokens attend to all tokens); causal = "
+        "Flux2KleinKVPipeline (references attend only to references, so their keys/values can be cached: "
+        "model.use_ref_cache)",
+    )
+    ref_timestep: float = Field(0.0, ge=0, le=1, description="causal: fixed timestep of reference tokens")
+
+
+class Flux2KleinConfig(DiffusersModelConfig):
+    """``model:`` of kind ``flux2-klein`` (FLUX.2 [klein], DyRef)."""
+
+    kind: Literal["flux2-klein"] = "flux2-klein"
+    diffusers: Flux2KleinOptions = Flux2KleinOptions()
+
+
 class Flux2KleinPolicy(DiffusersPolicy):
-    kind = "flux2-klein"
+    config_class = Flux2KleinConfig
+    pipeline_class_name = "Flux2KleinPipeline"
     text_components = ("text_encoder", "tokenizer")
     transformer_class_name = "Flux2Transformer2DModel"
     # Double-stream attention projections (both streams) and the fused single-stream

@@ -12,18 +12,40 @@ guidance scale is an input of the transformer (``model.diffusers.guidance``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from refrl.data.schema import LoadedSample, canonical_reference_type
 from refrl.models.diffusers.common import DiffusersCondition, DiffusersPolicy
+from refrl.models.diffusers.options import DiffusersModelConfig, DiffusersOptions
 from refrl.models.diffusers.text_cache import text_key
 
 DEFAULT_GUIDANCE = 3.5  # FluxKontextPipeline.__call__(guidance_scale=3.5)
 DEFAULT_MAX_TEXT_TOKENS = 512  # FluxKontextPipeline.__call__(max_sequence_length=512)
 
 
+class KontextOptions(DiffusersOptions):
+    """``model.diffusers`` of kind ``kontext``."""
+
+    ref_order: Literal["sample", "draft_first"] = Field(
+        "draft_first",
+        description="index offsets 1..n follow the sample's order, or put a draft reference first "
+        "(OmniRefiner's refinement layout: noisy latent 0, draft 1, reference 2)",
+    )
+
+
+class KontextConfig(DiffusersModelConfig):
+    """``model:`` of kind ``kontext`` (FLUX.1 Kontext, OmniRefiner)."""
+
+    kind: Literal["kontext"] = "kontext"
+    diffusers: KontextOptions = KontextOptions()
+
+
 class KontextPolicy(DiffusersPolicy):
-    kind = "kontext"
+    config_class = KontextConfig
+    pipeline_class_name = "FluxKontextPipeline"
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     skipped_components = ("image_encoder", "feature_extractor")
     transformer_class_name = "FluxTransformer2DModel"

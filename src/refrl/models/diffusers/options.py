@@ -1,18 +1,24 @@
-"""Typed options of the diffusers backends (`ModelConfig.diffusers`); no heavy imports here."""
+"""Typed options shared by the diffusers backends; no heavy imports here.
+
+Each backend file subclasses `DiffusersOptions` with its own knobs (``model.diffusers.*``)
+and `DiffusersModelConfig` with its ``kind`` (see `refrl.models.diffusers.registry`).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from refrl.config import StrictModel
+from refrl.models.config_base import ModelOptions
 
-DIFFUSERS_KINDS: tuple[str, ...] = ("flux2-klein", "qwen-edit-plus", "kontext")
+FORMAT = "refrl-diffusers-policy"  # the "format" of a saved adapter's config.json
 
 
 class DiffusersOptions(StrictModel):
-    """Per-model knobs; defaults follow each diffusers pipeline."""
+    """Knobs every diffusers backend has; defaults follow each diffusers pipeline."""
 
     load_text_encoder: bool = Field(
         True, description="load the text encoder(s); false = use only precomputed embeddings (model.text_cache)"
@@ -29,24 +35,27 @@ class DiffusersOptions(StrictModel):
     guidance: float | None = Field(
         None, description="embedded guidance of guidance-distilled transformers (None: the pipeline default)"
     )
-    # FLUX.2 [klein]
-    text_encoder_out_layers: list[int] = Field(
-        [9, 18, 27], description="FLUX.2: Qwen3 hidden layers stacked into the text embedding"
-    )
-    ref_attention: Literal["full", "causal"] = Field(
-        "full",
-        description="FLUX.2: full = Flux2KleinPipeline (reference tokens attend to all tokens); causal = "
-        "Flux2KleinKVPipeline (references attend only to references, so their keys/values can be cached: "
-        "model.use_ref_cache)",
-    )
-    ref_timestep: float = Field(0.0, ge=0, le=1, description="FLUX.2 causal: fixed timestep of reference tokens")
-    # Qwen-Image-Edit-Plus
-    vlm_image_area: int = Field(
-        384 * 384, ge=64, description="Qwen-Edit-Plus: pixels of each reference shown to the Qwen2.5-VL encoder"
-    )
-    # FLUX.1 Kontext
-    ref_order: Literal["sample", "draft_first"] = Field(
-        "draft_first",
-        description="Kontext: index offsets 1..n follow the sample's order, or put a draft reference first "
-        "(OmniRefiner's refinement layout: noisy latent 0, draft 1, reference 2)",
-    )
+
+
+class DiffusersModelConfig(ModelOptions):
+    """The ``model:`` keys of every diffusers kind; a backend narrows ``kind`` and ``diffusers``."""
+
+    image_size: int = Field(32, ge=1, description="generation resolution (square)")
+    ref_size: int = Field(32, ge=1, description="references are resized to this square size")
+    use_ref_cache: bool = Field(True, description="cache reference keys/values across steps where the backend can")
+    pretrained: str | None = Field(None, description="hub id or local pipeline folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
+    device: str = Field("auto", description="auto = this process's GPU if any, else cpu")
+    gradient_checkpointing: bool = False
+    text_cache: str | None = Field(None, description="folder of precomputed text embeddings")
+    diffusers: DiffusersOptions = DiffusersOptions()
+
+    # What `refrl.models.diffusers.persistence.load_diffusers_policy` takes from a saved adapter.
+    init_fields: ClassVar[tuple[str, ...]] = ("image_size", "ref_size", "diffusers")
+
+    @classmethod
+    def saved_architecture(cls, folder: Path, saved: dict[str, Any]) -> dict[str, Any] | None:
+        if saved.get("format") != FORMAT or saved.get("kind") != cls.model_fields["kind"].default:
+            return None
+        model = saved.get("model") or {}
+        return {k: model[k] for k in cls.init_fields if k in model}

@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from refrl.errors import RefrlError
-from refrl.models.config import ModelConfig
 from refrl.models.diffusers.common import DiffusersPolicy
-from refrl.models.diffusers.options import DIFFUSERS_KINDS
 from refrl.models.diffusers.saving import (
     ADAPTER_WEIGHTS_NAME,
     CONFIG_NAME,
@@ -21,15 +19,10 @@ from refrl.runfolder.layout import resolve_checkpoint
 
 
 def backend_class(kind: str) -> type[DiffusersPolicy]:
-    if kind == "flux2-klein":
-        from refrl.models.diffusers.flux2_klein import Flux2KleinPolicy as cls
-    elif kind == "qwen-edit-plus":
-        from refrl.models.diffusers.qwen_edit_plus import QwenEditPlusPolicy as cls
-    elif kind == "kontext":
-        from refrl.models.diffusers.kontext import KontextPolicy as cls
-    else:
-        raise RefrlError(f"unknown diffusers kind {kind!r}; allowed: {', '.join(DIFFUSERS_KINDS)}")
-    return cls
+    """The adapter class registered for ``kind`` (see `refrl.models.diffusers.registry`)."""
+    from refrl.models.diffusers.registry import backend  # filled when the package is imported
+
+    return backend(kind)
 
 
 def build_base(cfg: Any) -> DiffusersPolicy:
@@ -62,6 +55,8 @@ def load_diffusers_policy(directory: str | Path, overrides: Any = None) -> Diffu
     defines the model (kind, resolution, backend options)."""
     from safetensors.torch import load_file
 
+    from refrl.config import validate_config
+
     directory = Path(directory)
     path = directory / CONFIG_NAME
     try:
@@ -77,7 +72,8 @@ def load_diffusers_policy(directory: str | Path, overrides: Any = None) -> Diffu
         for key in ("device", "dtype", "gradient_checkpointing", "text_cache", "use_ref_cache"):
             model[key] = getattr(overrides, key)
         model["pretrained"] = overrides.pretrained or model["pretrained"]  # the same base, maybe elsewhere
-    cfg = ModelConfig.model_validate(model)
+    # the kind's own config class (not refrl.models.config, which imports this package)
+    cfg = validate_config(backend_class(model.get("kind")).config_class, model, source=str(path))
     needed = [MERGED_WEIGHTS_NAME.format(i) for i in range(len(info.get("merged_adapters", [])))]
     needed += [ADAPTER_WEIGHTS_NAME] if info.get("lora") else []
     missing = [n for n in needed if not (directory / n).is_file()]

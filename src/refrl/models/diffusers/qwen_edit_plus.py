@@ -18,12 +18,14 @@ the conditional one; the trainers' CFG is the plain ``v_u + w (v_c - v_u)``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from refrl.models.diffusers.common import DiffusersCondition, DiffusersPolicy
+from refrl.models.diffusers.options import DiffusersModelConfig, DiffusersOptions
 from refrl.models.diffusers.text_cache import text_key
 
 
@@ -70,8 +72,22 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray(array, mode="RGB")
 
 
+class QwenEditPlusOptions(DiffusersOptions):
+    """``model.diffusers`` of kind ``qwen-edit-plus``."""
+
+    vlm_image_area: int = Field(384 * 384, ge=64, description="pixels of each reference shown to the Qwen2.5-VL encoder")
+
+
+class QwenEditPlusConfig(DiffusersModelConfig):
+    """``model:`` of kind ``qwen-edit-plus`` (Qwen-Image-Edit-Plus 2509/2511, DyRef)."""
+
+    kind: Literal["qwen-edit-plus"] = "qwen-edit-plus"
+    diffusers: QwenEditPlusOptions = QwenEditPlusOptions()
+
+
 class QwenEditPlusPolicy(DiffusersPolicy):
-    kind = "qwen-edit-plus"
+    config_class = QwenEditPlusConfig
+    pipeline_class_name = "QwenImageEditPlusPipeline"
     text_components = ("text_encoder", "tokenizer", "processor")
     transformer_class_name = "QwenImageTransformer2DModel"
     # Attention projections of both streams of every MMDiT block.

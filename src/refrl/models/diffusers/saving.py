@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from refrl.models.diffusers.options import FORMAT
 from refrl.runfolder.files import save_safetensors
 
 if TYPE_CHECKING:  # only for the annotation: the adapter module imports this one
@@ -23,7 +24,6 @@ CONFIG_NAME = "config.json"
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 MERGED_WEIGHTS_NAME = "merged-{}.safetensors"
 TRANSFORMER_DIR = "transformer"  # full fine-tunes save the whole transformer here
-FORMAT = "refrl-diffusers-policy"
 
 
 def save_policy(policy: DiffusersPolicy, directory: str | Path) -> None:

@@ -241,7 +241,7 @@ def quantize_sample(sample, n_refs: int | None = None):
 
 def tiny_pipeline(kind: str, seed: int = 0, **sizes: int):
     """The diffusers pipeline of ``kind`` assembled from tiny components (in memory)."""
-    from refrl.models.diffusers.common import pipeline_class
+    from refrl.models.diffusers.registry import pipeline_class
 
     if kind not in TINY_BUILDERS:
         raise ValueError(f"unknown kind {kind!r}; allowed: {', '.join(TINY_BUILDERS)}")
