@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 
 from refrl.data.schema import LoadedSample
-from refrl.rewards.base import RewardOutput
-from refrl.rewards.embedded.base import EmbeddedReward, nan_scores
+from refrl.rewards.base import RewardOutput, nan_scores
+from refrl.rewards.embedded.base import EmbeddedReward
 from refrl.rewards.embedded.fidelity import TOKEN_PATCH, encode, targets_of, token_cosine
 from refrl.shaping.patch import (
     PATCH_REDUCES,
@@ -47,7 +47,6 @@ class PatchReward(EmbeddedReward):
     """OmniRefiner's patch reward (see module docstring)."""
 
     name = "patch"
-    role = "patch"
 
     def __init__(
         self,

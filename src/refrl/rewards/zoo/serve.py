@@ -182,7 +182,7 @@ class RewardServer:
 
     def info(self) -> dict[str, Any]:
         lim = self.limits
-        return {"name": self.reward.name, "role": self.reward.role, "needs": list(getattr(self.reward, "needs", ())),
+        return {"name": self.reward.name, "needs": list(getattr(self.reward, "needs", ())),
                 "protocol": PROTOCOL,
                 "limits": {"max_body_bytes": lim.max_body_bytes, "max_pixels": lim.max_pixels,
                            "max_batch": lim.max_batch, "max_queue": lim.max_queue}}
@@ -395,7 +395,7 @@ def serve_reward(name: str, options: dict[str, Any] | None = None, host: str = "
     limits = limits or ServerLimits()  # checked before the (maybe slow) model load
     reward = build(name, **(options or {}))
     server = RewardServer(reward, host, port, limits)
-    announce(f"serving reward {name!r} (role {reward.role}) on {server.url}  (GET /info, POST /score)")
+    announce(f"serving reward {name!r} on {server.url}  (GET /info, POST /score)")
     announce(server.limits.describe())
     try:
         server.serve_forever()
