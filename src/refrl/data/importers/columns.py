@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from refrl.data.manifest import RESERVED_KEYS
+from refrl.data.manifest_line import RESERVED_KEYS
 from refrl.data.schema import canonical_reference_type
 
 # DiffSynth-Studio metadata columns (its UnifiedDataset: `edit_image` = reference(s),

@@ -22,7 +22,7 @@ from refrl.data.importers.columns import (
     row_types,
     split_paths,
 )
-from refrl.data.manifest import loads_bounded, max_json_depth
+from refrl.data.manifest_line import loads_bounded, max_json_depth
 from refrl.data.schema import Reference, RefSample
 from refrl.errors import RefrlError
 

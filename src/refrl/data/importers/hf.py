@@ -26,7 +26,7 @@ from refrl.data.importers.columns import (
     row_types,
 )
 from refrl.data.importers.place import IMAGES_DIR
-from refrl.data.manifest import RESERVED_KEYS
+from refrl.data.manifest_line import RESERVED_KEYS
 from refrl.data.schema import Reference, RefSample
 from refrl.errors import RefrlError
 

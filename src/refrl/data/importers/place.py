@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from refrl.data.manifest import resolve_image_path
+from refrl.data.manifest_line import resolve_image_path
 from refrl.data.schema import RefSample
 from refrl.errors import RefrlError
 
