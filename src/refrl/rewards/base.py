@@ -1,4 +1,4 @@
-"""The `Reward` protocol and `BaseReward`, the one base class of the built-in rewards.
+"""The `Reward` protocol and `BaseReward`, the one base class of the embedded and zoo rewards.
 
 A reward scores a batch of generated images against their samples: one float per
 sample (NaN where the reward does not apply, e.g. a style reward for a sample
@@ -47,7 +47,7 @@ class Reward(Protocol):
 
 
 class BaseReward:
-    """Base class of the built-in rewards: subclasses set ``name`` and implement ``score``.
+    """Base class of the embedded and zoo rewards: subclasses set ``name`` and implement ``score``.
 
     ``__call__`` checks the batch, turns autograd off and calls
     ``score(self.pixels(images), samples)``. Reference-side work goes through
