@@ -37,7 +37,7 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
 class Brightness:
     """Mean pixel value: a reward any working policy-gradient step can climb."""
 
-    name, role = "brightness", "quality"
+    name = "brightness"
 
     def __call__(self, images, samples):
         from refrl.rewards.base import RewardOutput
@@ -50,5 +50,5 @@ def brightness_reward() -> str:
     """Registers the ``brightness`` reward; returns its name."""
     from refrl.rewards.registry import register
 
-    register("brightness", Brightness, "quality", overwrite=True)
+    register("brightness", Brightness, overwrite=True)
     return "brightness"

@@ -54,7 +54,7 @@ def make_policy(seed: int = 0) -> TinyDiTPolicy:
 class MeanColour:
     """Test reward: 1 - mean |channel mean of the output - channel mean of the target|."""
 
-    name, role = "mean_colour", "fidelity"
+    name = "mean_colour"
 
     def __call__(self, images, samples):
         vals = [1 - (im.mean((1, 2)) - s.target.mean((1, 2))).abs().mean() if s.target is not None else float("nan")
@@ -185,8 +185,8 @@ def test_images_do_not_depend_on_batch_or_suite_size(tmp_path):
 def test_refworld_default_metrics_are_the_embedded_rewards(tmp_path):
     suite = refworld_suite(n=3, seed=0)
     metrics = build_metrics(suite.metrics)
-    assert {m: r.role for m, r in metrics.items()} == {
-        "identity": "identity", "layout": "prompt", "style": "style", "background": "background",
+    assert {m: r.name for m, r in metrics.items()} == {
+        "identity": "identity", "layout": "layout", "style": "style", "background": "background",
         "fidelity": "fidelity", "patch": "patch"}
     run_eval(make_policy(), suite, tmp_path, metrics=metrics, steps=STEPS, progress=False)
     records = [json.loads(line) for line in (tmp_path / SAMPLES_FILE).read_text().splitlines()]

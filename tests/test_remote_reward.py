@@ -31,7 +31,6 @@ class MeanDiff:
     """A small exact reward: -mean |image - first subject reference|, NaN without one; counts calls."""
 
     name = "meandiff"
-    role = "identity"
     needs = ("references:subject",)
 
     def __init__(self, fail_first: int = 0, delay: float = 0.0):
@@ -98,7 +97,7 @@ def test_remote_scores_equal_local_with_batching_and_nan(serve):
     reward = MeanDiff()
     server = serve(reward)
     client = RemoteReward("meandiff", server.url, batch_size=2)
-    assert client.name == "remote:meandiff" and client.role == "identity" and client.needs == ("references:subject",)
+    assert client.name == "remote:meandiff" and client.needs == ("references:subject",)
     samples = [_sample(1), _sample(1), _sample(2, with_subject=False), _sample(3), _sample(3)]
     images = torch.rand(5, 3, 16, 16)
     out = client(images, samples)

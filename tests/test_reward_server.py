@@ -31,7 +31,7 @@ from refrl.rewards.zoo.serve import RewardServer, ServerLimits
 class MeanDiff:
     """-mean |image - first reference| per image; records each call's batch size. ``gate`` holds calls."""
 
-    name, role, needs = "meandiff", "identity", ()
+    name, needs = "meandiff", ()
 
     def __init__(self, gate: threading.Event | None = None):
         self.gate, self.entered, self.batch_sizes, self.encoder_calls = gate, threading.Event(), [], 0
@@ -184,7 +184,7 @@ def test_malformed_content_length_is_400_and_the_server_goes_on(serve):
     server = serve(MeanDiff())
     answer = raw(server, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ")
-    assert RemoteReward("meandiff", server.url).role == "identity"
+    assert RemoteReward("meandiff", server.url).name == "remote:meandiff"
 
 
 @pytest.mark.parametrize("case", ["bad json", "no images", "not safetensors", "empty", "wrong index"])
@@ -256,7 +256,7 @@ def test_connections_over_the_limit_get_503(serve):
 class FirstPixel:
     """Scores each image by its first pixel, so NaN/inf pixels give NaN/inf scores."""
 
-    name, role, needs = "firstpixel", "aesthetic", ()
+    name, needs = "firstpixel", ()
 
     def __call__(self, images, samples):
         return RewardOutput(scores=images[:, 0, 0, 0].clone(), extras={"neg": -images[:, 0, 0, 0]})

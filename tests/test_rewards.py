@@ -429,7 +429,7 @@ def test_registry_lists_and_builds_every_embedded_reward():
     for name in NAMES:
         assert name in names
         reward = build(name)
-        assert reward.name == name and reward.role
+        assert reward.name == name
     assert "dino" in names  # zoo names are listed without importing the zoo models
 
 
@@ -446,7 +446,7 @@ def test_registry_errors_name_the_allowed_values():
 
 def test_register_a_user_reward():
     class Constant:
-        name, role = "constant_test", "quality"
+        name = "constant_test"
 
         def __init__(self, value: float = 0.5):
             self.value = value
@@ -454,16 +454,19 @@ def test_register_a_user_reward():
         def __call__(self, images, samples):
             return RewardOutput(torch.full((images.shape[0],), self.value))
 
-    register("constant_test", Constant, role="quality", overwrite=True)
+    register("constant_test", Constant, overwrite=True)
     assert "constant_test" in available()
     out = compute_rewards({"c": build("constant_test", value=0.25)}, torch.zeros(2, 3, 8, 8), [None, None])
     assert torch.equal(out["c"].scores, torch.tensor([0.25, 0.25]))
     with pytest.raises(RefrlError, match=r"allowed: value"):
         build("constant_test", colour=1)
-    with pytest.raises(RefrlError, match=r"unknown reward role 'vibes'.*identity, prompt"):
-        register("x_test", Constant, role="vibes")
+    with pytest.warns(DeprecationWarning, match="no role any more; it is ignored"):
+        register("x_test", Constant, role="vibes")  # rewards lost their role; old calls still register
+    assert "x_test" in available()
     with pytest.raises(RefrlError, match="already registered"):
-        register("identity", Constant, role="identity")
+        register("identity", Constant)
+    with pytest.raises(RefrlError, match="option 'role' was removed"):
+        build("identity", role="identity")
 
 
 def test_bad_inputs_are_refused(world):

@@ -84,7 +84,7 @@ def _build(tiny, name: str, **extra):
 def test_similarity_rewards(tiny, batch, name, extra, same):
     images, samples = batch
     reward = _build(tiny, name, **extra)
-    assert reward.role in ("identity", "fidelity", "style") and reward.needs
+    assert reward.needs
     out = reward(images, samples)
     assert out.scores.shape == (B,) and out.scores.dtype == torch.float32
     assert torch.isfinite(out.scores[:3]).all()
@@ -108,8 +108,12 @@ def test_reference_side_is_cached_per_group(tiny, batch):
     reward(images, samples)
     assert reward.encoder_calls == 1
     seg = _build(tiny, "dino_seg")
+    cut_outs = []
+    cut_out = seg.cut_out
+    seg.cut_out = lambda *args: cut_outs.append(args[1]) or cut_out(*args)
     seg(images, samples)
-    assert seg.encoder_calls == 1 and seg.segment_cache.calls == 1
+    seg(images, samples)
+    assert seg.encoder_calls == 1 and len(cut_outs) == 1  # the reference is cut out once, with its embedding
 
 
 def test_dino_is_the_cls_cosine_of_the_loaded_model(tiny, batch):
@@ -157,7 +161,7 @@ def test_clip_t_pickscore_and_hpsv2_agree_with_the_clip_model(tiny, batch):
 def test_preference_models_score_and_round_trip(tiny, batch, tmp_path, name):
     images, samples = batch
     reward = build(name, device="cpu", **tiny(name))
-    assert reward.role == "prompt" and reward.needs == ("prompt",)
+    assert reward.needs == ("prompt",)
     out = reward(images, samples)
     assert out.scores.shape == (B,) and torch.isfinite(out.scores).all()
     torch.testing.assert_close(reward(images, samples).scores, out.scores, rtol=0, atol=0)
@@ -229,7 +233,7 @@ def test_judge_parses_answers_and_never_invents_scores(tiny, batch):
     assert parse_judge_answer("I cannot rate this image.", applies) is None
 
     judge = build("vlm_judge", device="cpu", **tiny("vlm_judge"))
-    assert judge.role == "judge"
+    assert judge.needs == ("prompt",)
     out = judge.score_answers([ok, "no idea", ok, '{"style": 4, "prompt": 2, "quality": 3}'], samples)
     assert float(out.scores[0]) == pytest.approx(7.5) and math.isnan(float(out.scores[1]))
     assert float(out.scores[3]) == pytest.approx(3.0)  # sample without subject ref: 3 rated dimensions
@@ -297,7 +301,7 @@ def test_registry_lists_every_zoo_reward_without_importing_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for name in ZOO:
         cls = zoo_class(name)
-        assert cls.name == name and cls.role in ("identity", "prompt", "style", "fidelity", "quality", "judge")
+        assert cls.name == name
 
 
 def test_bad_options_name_the_allowed_values(tiny):

@@ -112,13 +112,11 @@ def psnr(mse: float, peak: float = PSNR_PEAK, max_db: float = PSNR_MAX_DB) -> fl
 
 
 class MaskedPSNR:
-    """PSNR to the sample's target inside (or outside) its mask, as a `Reward` (role ``fidelity``).
+    """PSNR to the sample's target inside (or outside) its mask, as a `Reward`.
 
     NaN for samples without a target or mask. The ``refine`` suite reports both regions:
     inside = the restored detail, outside = what had to stay untouched.
     """
-
-    role = "fidelity"
 
     def __init__(self, region: str = "inside"):
         if region not in PIXEL_REGIONS:

@@ -1,4 +1,7 @@
-"""Reward shaping: group advantages, GDPO, SARS/TDW (Customized-GRPO), DRS/DAR (DyRef), patch reward."""
+"""Reward shaping: group advantages, GDPO, SARS/TDW (Customized-GRPO), DRS/DAR (DyRef).
+
+Reward formulas themselves (e.g. OmniRefiner's patch reward) live in `refrl.rewards`.
+"""
 
 from refrl.shaping.customized_grpo import (
     SARS_MODES,
@@ -17,7 +20,6 @@ from refrl.shaping.normalize import (
     group_stats,
     weighted_sum,
 )
-from refrl.shaping.patch import masked_pixel_accuracy, patch_cosine, patch_reward_compose
 
 __all__ = [
     "K_MODES",
@@ -32,9 +34,6 @@ __all__ = [
     "gdpo_combine",
     "group_normalize",
     "group_stats",
-    "masked_pixel_accuracy",
-    "patch_cosine",
-    "patch_reward_compose",
     "sars_bonus",
     "sars_categories",
     "tdw_weights",

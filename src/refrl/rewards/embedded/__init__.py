@@ -1,15 +1,15 @@
 """The embedded RefWorld rewards: real computations on generated pixels, no downloads.
 
-=============  =========  ====================================================================
-name           role       what it measures
-=============  =========  ====================================================================
-identity       identity   best-window similarity of each subject reference (DINO-Seg role)
-layout         prompt     detected / foreground boxes vs instructed boxes (HPS role)
-style          style      output colours vs the reference's colour transform (CSD role)
-background     background pixels outside the subject boxes vs the asked-for background
-fidelity       fidelity   token-feature cosine with the target (DyRef's SigLIP role)
-patch          patch      OmniRefiner's per-patch + global + masked-pixel reward
-=============  =========  ====================================================================
+=============  ====================================================================
+name           what it measures
+=============  ====================================================================
+identity       best-window similarity of each subject reference (DINO-Seg role)
+layout         detected / foreground boxes vs instructed boxes (HPS role)
+style          output colours vs the reference's colour transform (CSD role)
+background     pixels outside the subject boxes vs the asked-for background
+fidelity       token-feature cosine with the target (DyRef's SigLIP role)
+patch          OmniRefiner's per-patch + global + masked-pixel reward
+=============  ====================================================================
 """
 
 from refrl.rewards.embedded.background import BackgroundReward

@@ -28,14 +28,9 @@ from collections.abc import Sequence
 import torch
 
 from refrl.data.schema import LoadedSample
-from refrl.rewards.base import RewardOutput
-from refrl.rewards.embedded.base import (
-    EmbeddedReward,
-    has_lighting_reference,
-    nan_scores,
-    style_ref_index,
-)
-from refrl.rewards.embedded.cache import DEFAULT_MAX_ENTRIES
+from refrl.rewards.base import RewardOutput, nan_scores
+from refrl.rewards.cache import DEFAULT_MAX_ENTRIES
+from refrl.rewards.embedded.base import EmbeddedReward, has_lighting_reference, style_ref_index
 from refrl.rewards.embedded.features import binomial_blur
 from refrl.rewards.embedded.stylemap import StyleMap
 
@@ -74,7 +69,6 @@ class BackgroundReward(EmbeddedReward):
     """Output background vs the predicted background (see module docstring)."""
 
     name = "background"
-    role = "background"
 
     def __init__(
         self, tau: float = TAU, dilate: int = DILATE_PX, blur: bool = True, cache_size: int = DEFAULT_MAX_ENTRIES

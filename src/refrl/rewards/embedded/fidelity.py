@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from refrl.data.schema import LoadedSample
-from refrl.rewards.base import RewardOutput
-from refrl.rewards.embedded.base import EmbeddedReward, nan_scores
+from refrl.rewards.base import RewardOutput, nan_scores
+from refrl.rewards.embedded.base import EmbeddedReward
 from refrl.rewards.embedded.features import STRUCTURE, feature_tokens, local_features
 
 TOKEN_PATCH = 4  # 8x8 tokens at 32 px
@@ -59,7 +59,6 @@ class FidelityReward(EmbeddedReward):
     """Token-feature cosine between the output and the target (see module docstring)."""
 
     name = "fidelity"
-    role = "fidelity"
 
     def __init__(self, patch: int = TOKEN_PATCH):
         super().__init__()

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 
 from refrl.data.schema import LoadedSample
-from refrl.rewards.base import RewardOutput
-from refrl.rewards.embedded.base import EmbeddedReward, nan_scores, style_ref_index
-from refrl.rewards.embedded.cache import DEFAULT_MAX_ENTRIES
+from refrl.rewards.base import RewardOutput, nan_scores
+from refrl.rewards.cache import DEFAULT_MAX_ENTRIES
+from refrl.rewards.embedded.base import EmbeddedReward, style_ref_index
 from refrl.rewards.embedded.detect import detect
 from refrl.rewards.embedded.template import (
     COLOUR_WEIGHT,
@@ -93,7 +93,6 @@ class IdentityReward(SubjectDetectorReward):
     """Best-window similarity between the image and each subject reference (see module docstring)."""
 
     name = "identity"
-    role = "identity"
 
     def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         canvas = square_size(images, self.name)

@@ -115,7 +115,6 @@ class LayoutReward(SubjectDetectorReward):
     """Identity evidence inside each instructed box (see module docstring)."""
 
     name = "layout"
-    role = "prompt"
 
     def __init__(
         self,

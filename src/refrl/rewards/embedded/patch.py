@@ -1,6 +1,6 @@
 """``patch``: OmniRefiner's patch-wise reward against the ground truth.
 
-Composed from the pure functions of ``refrl.shaping.patch`` with this package's
+Composed from the pure functions of ``refrl.rewards.patch`` with this package's
 feature space standing in for DreamSim (see METHODS.md section 5):
 
 * per-patch perceptual similarity: ``patch_cosine`` of the output's and the target's
@@ -24,10 +24,10 @@ from collections.abc import Sequence
 import torch
 
 from refrl.data.schema import LoadedSample
-from refrl.rewards.base import RewardOutput
-from refrl.rewards.embedded.base import EmbeddedReward, nan_scores
+from refrl.rewards.base import RewardOutput, nan_scores
+from refrl.rewards.embedded.base import EmbeddedReward
 from refrl.rewards.embedded.fidelity import TOKEN_PATCH, encode, targets_of, token_cosine
-from refrl.shaping.patch import (
+from refrl.rewards.patch import (
     PATCH_REDUCES,
     PIXEL_MAPPINGS,
     PIXEL_TAU,
@@ -47,7 +47,6 @@ class PatchReward(EmbeddedReward):
     """OmniRefiner's patch reward (see module docstring)."""
 
     name = "patch"
-    role = "patch"
 
     def __init__(
         self,

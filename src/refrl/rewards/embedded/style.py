@@ -29,14 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from refrl.data.schema import LoadedSample
-from refrl.rewards.base import RewardOutput
-from refrl.rewards.embedded.base import (
-    EmbeddedReward,
-    has_lighting_reference,
-    nan_scores,
-    style_ref_index,
-)
-from refrl.rewards.embedded.cache import DEFAULT_MAX_ENTRIES
+from refrl.rewards.base import RewardOutput, nan_scores
+from refrl.rewards.cache import DEFAULT_MAX_ENTRIES
+from refrl.rewards.embedded.base import EmbeddedReward, has_lighting_reference, style_ref_index
 from refrl.rewards.embedded.template import FOREGROUND_THRESHOLD, border_colour
 
 AGAINST = ("reference", "target")
@@ -92,7 +87,6 @@ class StyleReward(EmbeddedReward):
     """Style of the output vs the style reference (or the target); see module docstring."""
 
     name = "style"
-    role = "style"
 
     def __init__(
         self,

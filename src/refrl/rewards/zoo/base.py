@@ -1,4 +1,4 @@
-"""What every zoo reward shares: its declared needs, batching, the reference cache, image preprocessing.
+"""What every zoo reward shares: its declared needs, device and batching, image preprocessing.
 
 A zoo reward compares generated images either with the **target** (DyRef's
 fidelity, OmniRefiner's GT similarity) or with the **references of one type**
@@ -9,7 +9,8 @@ scores them against the **prompt** (CLIP-T, PickScore, HPS, ImageReward).
 ``prompt``, ``target``, ``mask``, ``references:<type>`` (a type of
 `refrl.data.schema.REFERENCE_TYPES`). A sample lacking what the reward needs gets
 NaN, never 0 (METHODS.md section 2: NaN rewards are filled or excluded by the
-advantage computation).
+advantage computation). The reference cache and the batch checks are those of
+every reward (`refrl.rewards.base.BaseReward`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 from refrl.data.schema import REFERENCE_TYPES, LoadedSample, canonical_reference_type
 from refrl.errors import RefrlError
-from refrl.rewards.base import ROLES, RewardOutput
-from refrl.rewards.embedded.cache import ReferenceCache, image_fingerprint
+from refrl.rewards.base import BaseReward, RefIndex, RewardOutput
+from refrl.rewards.cache import DEFAULT_MAX_ENTRIES
 from refrl.rewards.zoo.loading import resolve_device, resolve_dtype
 
 Against = Literal["references", "target"]
@@ -92,45 +93,31 @@ def preprocess_settings(config: dict[str, Any] | None, default_size: int, mean: 
     return size, mean, std, crop_size is not None
 
 
-class ZooReward:
-    """Base of the zoo rewards: options common to all, and the reference-side cache.
+class ZooReward(BaseReward):
+    """Base of the zoo rewards: the options common to all (device, dtype, batch size).
 
-    Subclasses set ``name``, ``role``, ``needs`` and implement ``__call__``.
-    ``encoder_calls`` counts real runs of the encoder on reference-side images
-    (cache misses); a GRPO group of G images shares its references, so it is
-    encoded once, not G times.
+    Subclasses set ``name``, ``needs`` and implement ``score``. ``encoder_calls``
+    counts real runs of the encoder on reference-side images (cache misses); a
+    GRPO group of G images shares its references, so it is encoded once, not G times.
     """
 
     name = "zoo"
-    role = "quality"
     needs: tuple[str, ...] = ()
 
     def __init__(self, device: str | None = "auto", dtype: str | torch.dtype | None = "float32",
-                 batch_size: int = DEFAULT_BATCH_SIZE, cache_size: int = 1024):
+                 batch_size: int = DEFAULT_BATCH_SIZE, cache_size: int = DEFAULT_MAX_ENTRIES):
         if batch_size < 1:
             raise RefrlError(f"reward {self.name!r}: batch_size must be >= 1, got {batch_size}")
-        if self.role not in ROLES:
-            raise ValueError(f"{type(self).__name__}.role={self.role!r} is not one of {ROLES}")
+        super().__init__(cache_size)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.batch_size = int(batch_size)
-        self.cache = ReferenceCache(cache_size)
-
-    @property
-    def encoder_calls(self) -> int:
-        return self.cache.calls
 
     def batched(self, fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """``fn`` over chunks of ``batch_size`` images, results concatenated, on the CPU in float32."""
         outs = [fn(images[i : i + self.batch_size].to(self.device, self.dtype)).float().cpu()
                 for i in range(0, images.shape[0], self.batch_size)]
         return torch.cat(outs, dim=0)
-
-    def cached(self, sample: LoadedSample, index: int | str, image: torch.Tensor, variant: Any,
-               compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The reference-side value of ``image`` (reference ``index`` or ``"target"`` of ``sample``)."""
-        key = (sample.id, index, variant, image_fingerprint(image))
-        return self.cache.get(key, lambda: compute(image.unsqueeze(0))[0])
 
 
 class SimilarityReward(ZooReward):
@@ -141,8 +128,6 @@ class SimilarityReward(ZooReward):
     ``against="target"``: the ground-truth target (NaN when absent).
     Identical images score the maximum, 1.
     """
-
-    role = "identity"
 
     def __init__(self, against: Against = "references", ref_type: str = "subject", **common: Any):
         super().__init__(**common)
@@ -165,15 +150,17 @@ class SimilarityReward(ZooReward):
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return cosine(a, b)
 
-    def comparisons(self, sample: LoadedSample) -> list[tuple[int | str, torch.Tensor]]:
+    def comparisons(self, sample: LoadedSample) -> list[tuple[RefIndex, torch.Tensor]]:
         """(index, image) pairs the output of ``sample`` is compared with."""
         if self.against == "target":
             return [] if sample.target is None else [("target", sample.target)]
         return list(sample.refs_of_type(self.ref_type))
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
-        check_batch(self.name, images, samples)
+    def reference_embedding(self, sample: LoadedSample, index: RefIndex, image: torch.Tensor) -> torch.Tensor:
+        """The embedding of comparison ``image`` (reference ``index`` of ``sample``); computed on a cache miss."""
+        return self.batched(self.embed_reference, image.unsqueeze(0))[0]
+
+    def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         out_emb = self.batched(self.embed, images)
         scores = torch.full((images.shape[0],), float("nan"))
         best = torch.full_like(scores, float("nan"))
@@ -181,16 +168,10 @@ class SimilarityReward(ZooReward):
             pairs = self.comparisons(sample)
             if not pairs:
                 continue
-            refs = torch.stack([self.cached(sample, i, im, self.against, lambda x: self.batched(self.embed_reference, x))
+            refs = torch.stack([self.cached(sample, i, self.against,
+                                            lambda s=sample, i=i, im=im: self.reference_embedding(s, i, im))
                                 for i, im in pairs])
             sims = self.similarity(out_emb[b : b + 1].expand(len(pairs), *out_emb.shape[1:]), refs)
             scores[b], best[b] = sims.mean(), sims.max()
         return RewardOutput(scores=scores, extras={"max": best})
-
-
-def check_batch(name: str, images: torch.Tensor, samples: Sequence[LoadedSample]) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"reward {name!r}: images must be (B, 3, H, W) in [0, 1]; got {tuple(images.shape)}")
-    if images.shape[0] != len(samples):
-        raise ValueError(f"reward {name!r}: {images.shape[0]} images but {len(samples)} samples")
 

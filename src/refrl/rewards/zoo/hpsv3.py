@@ -20,6 +20,7 @@ loads without the base repo.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import nn
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.rewards.base import RewardOutput
-from refrl.rewards.zoo.base import ZooReward, check_batch
+from refrl.rewards.zoo.base import ZooReward
 from refrl.rewards.zoo.loading import (
     load_pretrained,
     load_tokenizer,
@@ -90,7 +91,6 @@ class Hpsv3Reward(ZooReward):
     """HPSv3 preference score (mu) of (image, prompt)."""
 
     name = "hpsv3"
-    role = "prompt"
     needs = ("prompt",)
     default_checkpoint = "MizzenAI/HPSv3"
 
@@ -138,9 +138,7 @@ class Hpsv3Reward(ZooReward):
     def prompt_for(self, text: str) -> str:
         return chat_prompt([IMAGE, self.instruction.format(text_prompt=text) + HPSV3_RATING])
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, samples: list[LoadedSample]) -> RewardOutput:
-        check_batch(self.name, images, samples)
+    def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         mu, sigma = [], []
         for i in range(0, images.shape[0], self.batch_size):
             chunk = images[i : i + self.batch_size].float().cpu()

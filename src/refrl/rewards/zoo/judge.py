@@ -25,7 +25,7 @@ import torch
 
 from refrl.data.schema import LoadedSample
 from refrl.rewards.base import RewardOutput
-from refrl.rewards.zoo.base import ZooReward, check_batch
+from refrl.rewards.zoo.base import ZooReward
 from refrl.rewards.zoo.loading import load_tokenizer, load_transformers, read_json
 from refrl.rewards.zoo.qwen_vl import IMAGE, QwenImagePrep, chat_prompt, encode_conversations
 
@@ -109,7 +109,6 @@ class VlmJudgeReward(ZooReward):
     """A VLM judge (Qwen2.5-VL through transformers) rating outputs 0-10 per dimension."""
 
     name = "vlm_judge"
-    role = "judge"
     needs = ("prompt",)
     default_checkpoint = "Qwen/Qwen2.5-VL-7B-Instruct"
 
@@ -139,9 +138,7 @@ class VlmJudgeReward(ZooReward):
         out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
-        check_batch(self.name, images, samples)
+    def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         answers: list[str] = []
         for i in range(0, images.shape[0], self.batch_size):
             answers += self.generate_answers(images[i : i + self.batch_size], samples[i : i + self.batch_size])

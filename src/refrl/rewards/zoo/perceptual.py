@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
+from refrl.rewards.base import RewardOutput
 from refrl.rewards.zoo.base import SimilarityReward, check_choice, resize_center_crop
 from refrl.rewards.zoo.loading import is_offline
 
@@ -171,7 +174,6 @@ class LpipsReward(SimilarityReward):
     """``1 - LPIPS`` between the output and the target (default) or the references of a type."""
 
     name = "lpips"
-    role = "fidelity"
 
     def __init__(self, net: Literal["alex", "vgg"] = "alex", checkpoint: str | None = None,
                  backbone_weights: str | None = None, lin_weights: str | None = None, size: int = LPIPS_SIZE,
@@ -195,8 +197,8 @@ class LpipsReward(SimilarityReward):
         d = self.model.distance_from_activations(self._unflatten(a.to(head)), self._unflatten(b.to(head)))
         return 1.0 - d.float().cpu()
 
-    def __call__(self, images: torch.Tensor, samples: Any) -> Any:
-        out = super().__call__(images, samples)
+    def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
+        out = super().score(images, samples)
         out.extras["lpips"] = 1.0 - out.scores  # the distance itself (mean over compared images)
         return out
 
@@ -214,7 +216,6 @@ class DreamSimReward(SimilarityReward):
     once instead of trying the network."""
 
     name = "dreamsim"
-    role = "fidelity"
     default_cache_dir = os.path.join("~", ".cache", "dreamsim")
     input_size = 224
 

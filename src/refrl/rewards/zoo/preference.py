@@ -20,6 +20,7 @@ environment (``remote:NAME``).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
+from refrl.rewards.base import RewardOutput
 from refrl.rewards.zoo.base import (
     CLIP_MEAN,
     CLIP_STD,
     ZooReward,
-    check_batch,
     normalize,
     resize_center_crop,
 )
@@ -70,7 +72,6 @@ class Hpsv2Reward(PromptReward):
     """HPSv2.1: ``cosine(image, prompt)`` of the preference-tuned CLIP ViT-H-14."""
 
     name = "hpsv2"
-    role = "prompt"
     default_checkpoint = "xswu/HPSv2"
 
     def __init__(self, checkpoint: str | None = None, processor: str | None = None, checkpoint_file: str = HPSV2_FILE,
@@ -148,7 +149,6 @@ class ImageRewardReward(ZooReward):
     """ImageReward score of (image, prompt), in the package's normalised units (about -2 .. 2)."""
 
     name = "image_reward"
-    role = "prompt"
     needs = ("prompt",)
     default_checkpoint = "THUDM/ImageReward"
     default_tokenizer = "google-bert/bert-base-uncased"
@@ -178,11 +178,7 @@ class ImageRewardReward(ZooReward):
         self.max_length = max_length
         self.size = self.model.vision["image_size"]
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, samples):
-        from refrl.rewards.base import RewardOutput
-
-        check_batch(self.name, images, samples)
+    def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         scores = []
         for i in range(0, images.shape[0], self.batch_size):
             chunk, prompts = images[i : i + self.batch_size], [s.prompt for s in samples[i : i + self.batch_size]]

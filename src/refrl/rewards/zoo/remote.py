@@ -7,7 +7,8 @@ names it ``remote:NAME`` with ``options: {url: http://host:P}``.
 
 Wire protocol (version 1):
 
-* ``GET /info`` -> JSON ``{"name", "role", "needs", "protocol", "limits"}``;
+* ``GET /info`` -> JSON ``{"name", "needs", "protocol", "limits"}``; servers
+  before rewards lost their ``role`` also send one, which the client ignores;
   ``limits`` (added without a version change; older servers lack it) holds the
   server's ``max_body_bytes``, ``max_pixels``, ``max_batch`` and ``max_queue``.
 * ``POST /score`` with a safetensors body: ``images`` (B,3,H,W) in [0,1] plus, per
@@ -200,7 +201,6 @@ class RemoteReward:
         if info.get("name") != remote_name:
             raise RefrlError(f"reward {self.name!r}: the server at {self.url} serves {info.get('name')!r}, "
                              f"not {remote_name!r}")
-        self.role = info["role"]
         self.needs = tuple(info.get("needs", ()))
         self.max_body_bytes: int | None = (info.get("limits") or {}).get("max_body_bytes")
 

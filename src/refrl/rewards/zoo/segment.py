@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.rewards.embedded.cache import ReferenceCache, image_fingerprint
+from refrl.rewards.base import RefIndex
 from refrl.rewards.zoo.base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -109,7 +109,6 @@ class DinoSegReward(SimilarityReward):
     """DINO-Seg: CLS cosine between the output and the background-removed subject references."""
 
     name = "dino_seg"
-    role = "identity"
 
     def __init__(self, encoder: Literal["dino", "dinov2"] = "dinov2", checkpoint: str | None = None,
                  segmenter: Literal["clipseg", "rembg", "mask", "none"] = "clipseg",
@@ -125,7 +124,6 @@ class DinoSegReward(SimilarityReward):
         self.encoder = ENCODERS[encoder](checkpoint=checkpoint, ref_type=ref_type, **common)
         self.segmenter_kind, self.fill, self.mask_key, self.segment_output = segmenter, float(fill), mask_key, segment_output
         self.segmenter: Any = None
-        self.segment_cache = ReferenceCache(self.cache.max_entries)  # cut-outs, one per reference image
         if segmenter == "clipseg":
             self.segmenter = ClipSegSegmenter(segmenter_checkpoint, segment_prompt, threshold, self.device, self.dtype)
         elif segmenter == "rembg":
@@ -137,7 +135,7 @@ class DinoSegReward(SimilarityReward):
         return self.encoder.embed(images)
 
     def embed_reference(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.embed(images)  # references arrive already cut out (``comparisons``)
+        return self.encoder.embed(images)  # references arrive already cut out (``reference_embedding``)
 
     def supplied_mask(self, sample: LoadedSample, index: int, image: torch.Tensor) -> torch.Tensor:
         masks = sample.extra.get(self.mask_key)
@@ -148,16 +146,12 @@ class DinoSegReward(SimilarityReward):
                              f"extra[{self.mask_key!r}][{index}] for its reference {index}") from None
         return torch.as_tensor(mask, dtype=torch.float32).reshape(1, 1, *image.shape[-2:])
 
-    def comparisons(self, sample: LoadedSample) -> list[tuple[int | str, torch.Tensor]]:
-        """The subject references with their background removed (cut out once per reference, then cached)."""
-        pairs = super().comparisons(sample)
-        if self.segmenter_kind == "none":
-            return pairs
-        out: list[tuple[int | str, torch.Tensor]] = []
-        for i, image in pairs:
-            key = (sample.id, i, self.segmenter_kind, image_fingerprint(image))
-            out.append((i, self.segment_cache.get(key, lambda i=i, image=image: self.cut_out(sample, int(i), image))))
-        return out
+    def reference_embedding(self, sample: LoadedSample, index: RefIndex, image: torch.Tensor) -> torch.Tensor:
+        """The embedding of the subject reference with its background removed; the reward's cache keeps it,
+        so a reference is cut out once."""
+        if self.segmenter_kind != "none":
+            image = self.cut_out(sample, int(index), image)
+        return super().reference_embedding(sample, index, image)
 
     def cut_out(self, sample: LoadedSample, index: int, image: torch.Tensor) -> torch.Tensor:
         if self.segmenter_kind == "mask":

@@ -16,8 +16,9 @@ scoring worker:
   refusing meanwhile) and answers each. If a joined batch fails, each request is
   scored alone so only the broken one gets the 500.
 * uvicorn closes idle keep-alive connections after ``idle_timeout`` and answers
-  503 beyond ``max_connections`` open connections; `_DeadlineH11` adds the one
+  503 beyond ``max_connections`` open connections; `DeadlineH11` adds the one
   timeout it lacks, for a connection that never completes its request headers.
+  The limits, the counters and that deadline are in ``serve_limits.py``.
 
 The wire protocol, the non-finite rule (null) and the client are in ``remote.py``.
 """
@@ -26,15 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import math
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +43,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
@@ -55,48 +53,9 @@ from refrl.rewards.zoo.remote import (
     read_header,
     to_json_list,
 )
+from refrl.rewards.zoo.serve_limits import DeadlineH11, ServerLimits, ServerStats
 
-MIB = 2**20
 ENDPOINTS = "endpoints: GET /info, POST /score"
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one server accepts and holds; each is a ``refrl serve-reward`` option (see its --help)."""
-
-    max_body_bytes: int = 64 * MIB
-    max_pixels: int = 1024 * 1024  # per image tensor (generated image, reference, target, mask)
-    max_batch: int = 64  # images per call of the reward
-    max_queue: int = 16  # requests admitted at once
-    max_connections: int = 64  # open connections (uvicorn's limit_concurrency)
-    idle_timeout: float = 5.0  # s without a complete request on an open connection
-    read_timeout: float = 60.0  # s to receive one request's body
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not (math.isfinite(value) and value > 0):
-                option = "--max-body-mb" if f.name == "max_body_bytes" else "--" + f.name.replace("_", "-")
-                unit = " bytes" if f.name == "max_body_bytes" else ""
-                raise RefrlError(f"serve-reward: {option} must be a number > 0, got {value}{unit}")
-
-    def describe(self) -> str:
-        return (f"limits: body {self.max_body_bytes / MIB:g} MiB, {self.max_pixels} pixels per image, batches of "
-                f"{self.max_batch} images, queue {self.max_queue} requests, {self.max_connections} connections, "
-                f"idle {self.idle_timeout:g} s, body read {self.read_timeout:g} s")
-
-
-@dataclass
-class ServerStats:
-    """Counters of the work the server holds and did (read by tests and for monitoring)."""
-
-    requests_scored: int = 0
-    batches: int = 0
-    admitted: int = 0
-    peak_admitted: int = 0
-    held_bytes: int = 0
-    peak_held_bytes: int = 0
-    rejected: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,42 +69,6 @@ class _Reject(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.headers = status, headers
-
-
-class _DeadlineH11(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's headers.
-
-    uvicorn times a connection out only after a response (keep-alive); one that
-    connects and never completes a request would hold a connection for ever, and
-    ``max_connections`` of them would shut every client out with 503.
-    """
-
-    _deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._deadline = self.loop.call_later(self.timeout_keep_alive, self._expire)
-
-    def _expire(self) -> None:
-        self._deadline = None
-        # A request whose headers arrived is the app's: it times out its body itself, and scoring may take long.
-        in_app = self.cycle is not None and not self.cycle.response_complete
-        if not in_app and not self.transport.is_closing():
-            self.transport.close()
 
 
 class RewardServer:
@@ -166,7 +89,7 @@ class RewardServer:
         app = Starlette(routes=[Route("/info", self._info, methods=["GET"]),
                                 Route("/score", self._score_endpoint, methods=["POST"])],
                         exception_handlers={HTTPException: _http_error}, lifespan=self._lifespan)
-        config = uvicorn.Config(app, http=_DeadlineH11, ws="none", loop="asyncio", lifespan="on", log_config=None,
+        config = uvicorn.Config(app, http=DeadlineH11, ws="none", loop="asyncio", lifespan="on", log_config=None,
                                 log_level="warning", access_log=False, timeout_keep_alive=self.limits.idle_timeout,
                                 limit_concurrency=self.limits.max_connections, timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
@@ -182,7 +105,7 @@ class RewardServer:
 
     def info(self) -> dict[str, Any]:
         lim = self.limits
-        return {"name": self.reward.name, "role": self.reward.role, "needs": list(getattr(self.reward, "needs", ())),
+        return {"name": self.reward.name, "needs": list(getattr(self.reward, "needs", ())),
                 "protocol": PROTOCOL,
                 "limits": {"max_body_bytes": lim.max_body_bytes, "max_pixels": lim.max_pixels,
                            "max_batch": lim.max_batch, "max_queue": lim.max_queue}}
@@ -395,7 +318,7 @@ def serve_reward(name: str, options: dict[str, Any] | None = None, host: str = "
     limits = limits or ServerLimits()  # checked before the (maybe slow) model load
     reward = build(name, **(options or {}))
     server = RewardServer(reward, host, port, limits)
-    announce(f"serving reward {name!r} (role {reward.role}) on {server.url}  (GET /info, POST /score)")
+    announce(f"serving reward {name!r} on {server.url}  (GET /info, POST /score)")
     announce(server.limits.describe())
     try:
         server.serve_forever()

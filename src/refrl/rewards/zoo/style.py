@@ -43,7 +43,6 @@ class CsdReward(SimilarityReward):
     """CSD style-descriptor cosine between the output and the style references."""
 
     name = "csd"
-    role = "style"
 
     def __init__(self, checkpoint: str | None = None, base: str = CSD_BASE,
                  against: Literal["references", "target"] = "references", ref_type: str = "style", **common: Any):

@@ -32,7 +32,6 @@ from refrl.rewards.zoo.base import (
     IMAGENET_STD,
     SimilarityReward,
     ZooReward,
-    check_batch,
     check_choice,
     cosine,
     normalize,
@@ -57,10 +56,7 @@ class ImageEncoderReward(SimilarityReward):
     model_kwargs: dict[str, Any] = {}
 
     def __init__(self, checkpoint: str | None = None, processor: str | None = None,
-                 against: Literal["references", "target"] = "references", ref_type: str = "subject",
-                 role: str | None = None, **common: Any):
-        if role is not None:
-            self.role = role
+                 against: Literal["references", "target"] = "references", ref_type: str = "subject", **common: Any):
         super().__init__(against=against, ref_type=ref_type, **common)
         self.checkpoint = checkpoint or self.default_checkpoint
         self.model = load_transformers(self.model_class, self.checkpoint, self.name, self.device, self.dtype,
@@ -126,7 +122,6 @@ class SiglipReward(ImageEncoderReward):
     ``SiglipModel``, NaFlex ones as ``Siglip2Model`` (patchified here, as its image processor does)."""
 
     name = "siglip"
-    role = "fidelity"
     default_checkpoint = "google/siglip2-so400m-patch14-384"
     default_mean, default_std = HALF_MEAN, HALF_STD
 
@@ -169,7 +164,6 @@ class PromptReward(ZooReward):
 
     The prompt side is cached per (sample, prompt): a GRPO group shares its prompt."""
 
-    role = "prompt"
     needs = ("prompt",)
     default_checkpoint = ""
     use_logit_scale = False  # PickScore multiplies by exp(logit_scale); CLIP-T reports the cosine
@@ -205,9 +199,7 @@ class PromptReward(ZooReward):
     def scale(self) -> float:
         return float(self.model.logit_scale.exp()) if self.use_logit_scale else 1.0
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
-        check_batch(self.name, images, samples)
+    def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         image_emb = self.batched(self.embed_images, images)
         text_emb = torch.stack([self.cache.get((s.id, "prompt", s.prompt), lambda s=s: self.embed_prompt(s.prompt))
                                 for s in samples])
@@ -227,7 +219,6 @@ class PickScoreReward(PromptReward):
     Its hub repo holds weights only; the tokenizer/processor come from the LAION CLIP-H repo."""
 
     name = "pickscore"
-    role = "quality"
     default_checkpoint = "yuvalkirstain/PickScore_v1"
     default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     use_logit_scale = True

@@ -1,13 +1,14 @@
 """A bounded LRU cache of reference-side computations (the "reference encoder" calls).
 
 A GRPO group scores G images generated for one sample, so the reference side
-(subject templates, style maps, background features) is the same G times. Each
-reward keeps one cache; ``calls`` counts how often the reference encoder really
-ran, so the trainer can log how many calls the cache saved.
+(subject templates, style maps, encoder embeddings of references or the target)
+is the same G times. Each reward keeps one cache (`refrl.rewards.base.BaseReward`);
+``calls`` counts how often the reference encoder really ran, so the trainer can log
+how many calls the cache saved.
 
-Keys are ``(sample.id, reference index, *variant)`` plus a fingerprint of the
-reference's pixels: two samples that happen to share an id (e.g. drawn with
-different seeds) never share an entry.
+`BaseReward.cached` keys an entry by ``(sample.id, reference indices, variant)`` plus
+a fingerprint of those references' pixels: two samples that happen to share an id
+(e.g. drawn with different seeds) never share an entry.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ are refrl's choices, all options:
 * pixel accuracy ``1 − MSE`` on images in [0, 1] (``linear``), or ``exp(−MSE/τ)``
   with τ = 0.05 (``exp``, sharper near a perfect match).
 * patches reduced by their mean (``min`` rewards the worst patch instead).
+
+The formula is independent of the feature space; the embedded ``patch`` reward
+(``rewards/embedded/patch.py``) feeds it RefWorld features in place of DreamSim.
 """
 
 from __future__ import annotations
