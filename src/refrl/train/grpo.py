@@ -44,7 +44,7 @@ from refrl.sampling.rollout import Rollout, choose_sde_steps, encode_for_guidanc
 from refrl.sampling.schedules import sigma_schedule
 from refrl.train.advantages import compute_advantages
 from refrl.train.grpo_config import GRPOConfig, RewardSpec
-from refrl.train.loop import Dataset, LoopSpec, TrainLoop
+from refrl.train.loop import Dataset, LoopSpec, TrainLoop, main_process_lock
 from refrl.train.objectives import build_objective
 from refrl.train.run import seeded_generator
 
@@ -314,5 +314,8 @@ class GRPOTrainer(TrainLoop):
 
 
 def train_grpo(cfg: GRPOConfig, out_dir: str | Path, resume: bool = False) -> Path | None:
-    """Run RL (``cfg.objective``: grpo, nft or awm) into ``out_dir``; returns the last checkpoint."""
-    return GRPOTrainer(cfg, out_dir, resume=resume).train()
+    """Run RL (``cfg.objective``: grpo, nft or awm) into ``out_dir``; returns the last checkpoint.
+
+    The run folder's lock is taken first, so a busy folder is refused before anything else."""
+    with main_process_lock(out_dir):
+        return GRPOTrainer(cfg, out_dir, resume=resume).train()

@@ -24,9 +24,10 @@ A trainer subclass fills in:
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,12 @@ from refrl.train.run import MetricsWriter, seed_everything
 
 # What a trainer takes as its data besides the config's `data` section: a manifest path, or samples.
 Dataset = str | Path | Sequence[LoadedSample]
+
+
+def main_process_lock(out_dir: str | Path) -> AbstractContextManager[Any]:
+    """The run folder's lock (`refrl.files.lock_run_folder`, re-entrant) in the main process; nothing in
+    the others (under accelerate only RANK 0 writes into the run folder)."""
+    return lock_run_folder(out_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,7 @@ class TrainLoop:
     def train(self) -> Path | None:
         """Train into the run folder; returns the last checkpoint. The main process holds the folder's
         lock (`refrl.files.lock_run_folder`) for the whole run; only it writes there."""
-        with lock_run_folder(self.out_dir) if self.dist.is_main else nullcontext():
+        with main_process_lock(self.out_dir):
             self._check_run_folder()  # again, now that this process holds the folder
             if self.resume:
                 self.start = self._load_latest()

@@ -30,7 +30,7 @@ from refrl.data.schema import LoadedSample
 from refrl.models.build import ModelConfig
 from refrl.models.policy import Policy
 from refrl.train.data import DataConfig, SampleSource
-from refrl.train.loop import Dataset, LoopSpec, TrainLoop
+from refrl.train.loop import Dataset, LoopSpec, TrainLoop, main_process_lock
 from refrl.train.optim import OptimConfig
 from refrl.train.run import Timer, seeded_generator
 
@@ -153,8 +153,11 @@ class SFTTrainer(TrainLoop):
 
 
 def train_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> Path:
-    """Run SFT into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/). Returns the final checkpoint."""
-    return SFTTrainer(cfg, out_dir, resume=resume).train()
+    """Run SFT into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/). Returns the final checkpoint.
+
+    The run folder's lock is taken first, so a busy folder is refused before anything else."""
+    with main_process_lock(out_dir):
+        return SFTTrainer(cfg, out_dir, resume=resume).train()
 
 
 def sft_step(policy: Policy, source: SampleSource, cfg: SFTConfig, step: int, rank: int = 0,
