@@ -41,8 +41,6 @@ def test_function_reward_turns_lists_into_scores():
         FunctionReward(lambda im, s: ["good", 1.0], name="words")(images, batch)
     with pytest.raises(RefrlError, match="needs a name"):
         FunctionReward(lambda im, s: [1.0, 1.0])
-    with pytest.raises(RefrlError, match="role"):
-        FunctionReward(half, role="taste")
 
 
 def test_rewards_mix_functions_names_and_weights():

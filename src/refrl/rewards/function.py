@@ -17,7 +17,7 @@ import torch
 
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.rewards.base import ROLES, Reward, RewardOutput
+from refrl.rewards.base import Reward, RewardOutput
 
 RewardFunction = Callable[[torch.Tensor, Sequence[LoadedSample]], Any]
 
@@ -25,15 +25,15 @@ RewardFunction = Callable[[torch.Tensor, Sequence[LoadedSample]], Any]
 class FunctionReward(Reward):
     """Wraps ``fn(images, samples) -> list[float | None]`` (a list, tuple, array or (B,) tensor)."""
 
-    def __init__(self, fn: RewardFunction, name: str | None = None, role: str = "quality"):
+    role = "quality"  # what the `Reward` protocol asks for; the trainer does not read it
+
+    def __init__(self, fn: RewardFunction, name: str | None = None):
         if not callable(fn):
             raise RefrlError(f"a reward function must be callable, got {type(fn).__name__}")
         name = name or getattr(fn, "__name__", None) or type(fn).__name__
         if name == "<lambda>":  # metrics keys are reward/<name>: a lambda needs one given
             raise RefrlError("a lambda reward needs a name: FunctionReward(fn, name='...')")
-        if role not in ROLES:
-            raise RefrlError(f"unknown reward role {role!r} for {name!r}; allowed: {', '.join(ROLES)}")
-        self.fn, self.name, self.role = fn, name, role
+        self.fn, self.name = fn, name
 
     def __call__(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         out = self.fn(images, samples)

@@ -39,7 +39,7 @@ from refrl.config import dump_config
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
 from refrl.files import lock_run_folder
-from refrl.models.build import build_policy, check_image_size
+from refrl.models.build import ModelConfig, build_policy, check_image_size
 from refrl.models.policy import Policy
 from refrl.train.checkpoint import (
     check_same_init,
@@ -51,7 +51,7 @@ from refrl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from refrl.train.data import SampleSource
+from refrl.train.data import DataConfig, SampleSource
 from refrl.train.distributed import Dist
 from refrl.train.ema import EMA
 from refrl.train.optim import build_optimizer
@@ -94,12 +94,16 @@ class TrainLoop:
 
     def __init__(self, cfg: Any, out_dir: str | Path, resume: bool = False, *, policy: Policy | str | None = None,
                  dataset: Dataset | None = None):
-        if isinstance(policy, str):  # a checkpoint name: recorded as model.init, fingerprinted as usual
-            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init": policy})})
+        # A checkpoint name becomes model.init and a manifest path data.manifest: config.yaml records
+        # them, and the sections are validated again (an init brings its architecture along).
+        if isinstance(policy, str):
+            model = ModelConfig(**{**cfg.model.model_dump(exclude_unset=True), "init": policy})
+            cfg = cfg.model_copy(update={"model": model})
             policy = None
         if isinstance(dataset, str | Path):
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "manifest",
-                                                                             "manifest": str(dataset)})})
+            data = DataConfig(**{**cfg.data.model_dump(exclude_unset=True), "source": "manifest",
+                                 "manifest": str(dataset)})
+            cfg = cfg.model_copy(update={"data": data})
             dataset = None
         self.cfg = cfg
         self.spec = spec = self.loop_spec()
