@@ -180,7 +180,7 @@ def rollout_once(policy, sample, args: argparse.Namespace) -> torch.Tensor:
         noise = torch.randn(len(sde_steps), args.group, *shape)
         traj = rollout_sde(policy, cond, None, x, sigma_schedule(args.steps, shift=3.0), sde_steps, "flow-sde", 0.7,
                            1.0, noise)
-        return policy.decode(traj["final"])
+        return policy.decode(traj.final)
 
 
 def measure_rollout(policy, sample, args, device) -> dict[str, float | None]:

@@ -6,6 +6,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -52,3 +54,24 @@ def brightness_reward() -> str:
 
     register("brightness", Brightness, overwrite=True)
     return "brightness"
+
+
+@pytest.fixture
+def launch():
+    """``launch(n, args)`` runs ``python -m refrl ARGS`` as ``n`` CPU processes (gloo) under
+    ``accelerate launch`` and asserts it succeeded; skips without the accelerate CLI."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.is_file():
+        pytest.skip("accelerate CLI not installed")
+
+    def run(n: int, args: list[str]) -> None:
+        # `--cpu` starts one process whatever --num_processes says (accelerate's simple launcher);
+        # the multi-process launcher with no visible GPU starts n CPU processes
+        mode = ["--multi_gpu"] if n > 1 else ["--cpu"]
+        cmd = [str(accelerate), "launch", *mode, "--num_processes", str(n), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refrl", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    return run

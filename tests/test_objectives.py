@@ -222,7 +222,7 @@ def test_on_policy_guard_stops_a_mismatched_run(tmp_path, tiny_policy_dir, monke
 
     monkeypatch.setattr(trainer.policy, "velocity", noisy_when_training)
     with pytest.raises(OnPolicyError, match="dropout"):
-        trainer.run()
+        trainer.train()
 
 
 @pytest.mark.parametrize(("objective", "sign"), [("nft", 1.0), ("nft", -1.0), ("awm", 1.0), ("awm", -1.0)])

@@ -144,3 +144,22 @@ def test_cli_bad_config_is_one_line(tmp_path):
     assert res.exit_code != 0
     assert isinstance(res.exception, RefrlError)
     assert "config file not found" in str(res.exception)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, launch):
+    """Same global batch and seed: 2 gloo processes, each with half of every batch, take the step 1 process takes."""
+    runs = {}
+    for n in (1, 2):
+        runs[n] = tmp_path / f"np{n}"
+        # refine samples carry a mask: the masked loss on some processes' shares only
+        launch(n, ["sft", "--config", "configs/tiny-cpu-sft.yaml", "--out", str(runs[n]), *TINY, "batch_size=4",
+                   "steps=2", "data.categories=[refine,subject_bg]"])
+    one, two = (load_file(str(runs[n] / "checkpoints/step-2/trainable.safetensors")) for n in (1, 2))
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-6)
+    m1, m2 = ([json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in (1, 2))
+    assert [r["processes"] for r in m1] == [1, 1] and [r["processes"] for r in m2] == [2, 2]
+    for a, b in zip(m1, m2, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

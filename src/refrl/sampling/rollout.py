@@ -1,4 +1,5 @@
-"""Sampling loops over any `Policy`: ODE sampling with classifier-free guidance.
+"""Sampling loops over any `Policy`: ODE sampling with classifier-free guidance, SDE
+rollouts (`Trajectory`) and what an RL iteration keeps of them (`Rollout`).
 
 The per-step math lives in `refrl.sampling.sde`; this module only loops.
 """
@@ -6,6 +7,7 @@ The per-step math lives in `refrl.sampling.sde`; this module only loops.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +17,48 @@ from refrl.models.policy import Policy
 from refrl.runfolder.rng import seeded_generator
 from refrl.sampling.schedules import sigma_schedule
 from refrl.sampling.sde import ode_step
+
+
+@dataclass
+class Trajectory:
+    """What `rollout_sde` returns for B samples and S stochastic steps."""
+
+    latents: torch.Tensor  # (B, S, *latent): before each SDE step
+    next_latents: torch.Tensor  # (B, S, *latent): after it
+    log_probs: torch.Tensor  # (B, S) float32: log-prob of each SDE step under the rollout policy
+    final: torch.Tensor  # (B, *latent): the denoised latents
+
+
+@dataclass
+class Rollout:
+    """One RL iteration's scored rollout, gathered across processes.
+
+    Its N = ``len(groups) * group_size`` samples are group-major: sample ``i`` belongs to
+    ``groups[i // group_size]``. Tensors are (N, ...) in that order.
+    """
+
+    iteration: int
+    groups: list[LoadedSample]  # one condition per group
+    group_size: int
+    sigmas: torch.Tensor  # the rollout's sigma schedule (steps + 1 values, 1 -> 0)
+    sde_steps: list[int]  # indices of the stochastic (trained) denoising steps; [] for an ODE rollout
+    final: torch.Tensor  # (N, *latent) denoised latents
+    images: torch.Tensor  # (N, 3, H, W) decoded images in [0, 1]
+    scores: dict[str, torch.Tensor]  # reward name -> (N,), NaN where it does not apply
+    extras: dict[str, dict[str, torch.Tensor]]  # reward name -> extra name -> (N,)
+    reward_seconds: float = 0.0
+    encoder_calls: int = 0  # reward-encoder forward calls of this iteration (cache misses)
+    # per SDE step (objectives that train on them, GRPO); None when the objective keeps none
+    latents: torch.Tensor | None = None  # (N, S, *latent)
+    next_latents: torch.Tensor | None = None  # (N, S, *latent)
+    log_probs: torch.Tensor | None = None  # (N, S)
+    # what the objective's `prepare` adds before any update (matching: training times `t`, old outputs `old`)
+    prepared: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> list[LoadedSample]:
+        """The N samples, each group's condition repeated ``group_size`` times."""
+        return [s for s in self.groups for _ in range(self.group_size)]
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, indices: Sequence[int]) -> torch.Tensor:
@@ -122,16 +166,15 @@ def rollout_sde(
     noise_level: float,
     cfg_scale: float,
     step_noise: torch.Tensor,
-) -> dict[str, torch.Tensor]:
+) -> Trajectory:
     """Denoise ``x`` along ``sigmas``; stochastic at ``sde_steps``, Euler ODE elsewhere.
 
     ``step_noise`` (len(sde_steps), B, *latent) is the Gaussian noise of each
     stochastic step, drawn by the caller per sample so the trajectory of a sample
     does not depend on how the batch is split across processes.
 
-    Returns ``latents`` (B, S, *latent) before each SDE step, ``next_latents`` after
-    it, ``log_probs`` (B, S), and ``final`` latents. With no SDE step (S = 0) this is
-    the Euler ODE sampler and the per-step tensors are empty.
+    With no SDE step (S = 0) this is the Euler ODE sampler and the per-step tensors of
+    the `Trajectory` are empty.
     """
     from refrl.sampling.sde import gaussian_log_prob, sde_step
 
@@ -152,10 +195,5 @@ def rollout_sde(
             x = ode_step(x, v, s, s_next)
     if not sde_index:
         empty = x.new_zeros((b, 0, *x.shape[1:]))
-        return {"latents": empty, "next_latents": empty, "log_probs": x.new_zeros((b, 0), dtype=torch.float32), "final": x}
-    return {
-        "latents": torch.stack(before, 1),
-        "next_latents": torch.stack(after, 1),
-        "log_probs": torch.stack(logps, 1),
-        "final": x,
-    }
+        return Trajectory(empty, empty, x.new_zeros((b, 0), dtype=torch.float32), x)
+    return Trajectory(torch.stack(before, 1), torch.stack(after, 1), torch.stack(logps, 1), x)

@@ -33,7 +33,6 @@ from refrl.errors import RefrlError
 from refrl.runfolder.files import atomic_dir, save_safetensors
 from refrl.runfolder.layout import (
     checkpoint_dir,
-    latest_checkpoint,
     list_checkpoints,
     resolve_checkpoint,
 )
@@ -140,26 +139,3 @@ def check_same_init(info: dict[str, Any], fingerprint: str | None, init: str | N
             f"{run_dir} was started from different initial weights than model.init={init!r} holds now "
             "(the checkpoint was retrained or replaced); choose another --out or delete that folder"
         )
-
-
-def resume_training(
-    ckpt_root: str | Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: Any, scheduler: Any, ema: Any,
-    init_sha: str | None, init: str | None, run_dir: str | Path,
-) -> int:
-    """Load the latest checkpoint under ``ckpt_root`` into a trainer's state; returns its step.
-
-    Restores the raw trainable weights, optimizer, LR scheduler, RNG states and EMA, after
-    checking the run was started from the weights ``init`` holds now (`check_same_init`).
-    """
-    last = latest_checkpoint(ckpt_root)
-    if last is None:
-        raise RefrlError(f"--resume: no checkpoint under {ckpt_root}")
-    trainer_state, ema_state, info = load_checkpoint(last)
-    check_same_init(info, init_sha, init, run_dir)
-    load_trainable(named, last)
-    optimizer.load_state_dict(trainer_state["optimizer"])
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    set_rng_state(trainer_state["rng"])
-    if ema_state is not None:
-        ema.load_state_dict(ema_state)
-    return int(info["step"])

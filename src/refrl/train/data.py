@@ -43,25 +43,34 @@ class DataConfig(StrictModel):
 class SampleSource:
     """Deterministic batches of `LoadedSample` for step ``s``."""
 
-    def __init__(self, cfg: DataConfig, seed: int, total_steps: int, need_target: str | None = None):
+    def __init__(self, cfg: DataConfig, seed: int, total_steps: int, need_target: str | None = None,
+                 samples: list[LoadedSample] | None = None):
         """``need_target``: why every sample needs a target (then a manifest sample without
-        one is an error naming it), or None."""
+        one is an error naming it), or None. ``samples``: draw from these (loaded by the
+        caller, e.g. through the Python API) instead of ``cfg``'s source."""
         self.cfg = cfg
         self.seed = seed
         self.total_steps = max(1, total_steps)
         self._worlds: dict[int, object] = {}
         self._samples: list[LoadedSample] | None = None
-        if cfg.source == "manifest":
+        where = "the given dataset"
+        if samples is not None:
+            self._samples = list(samples)
+            if not self._samples:
+                raise RefrlError("the given dataset holds no samples")
+        elif cfg.source == "manifest":
             if not cfg.manifest:
                 raise RefrlError("data.source=manifest needs data.manifest=PATH")
             from refrl.data.manifest import load_manifest
 
+            where = cfg.manifest
             self._samples = load_manifest(Path(cfg.manifest), size=cfg.size)
             if not self._samples:
                 raise RefrlError(f"{cfg.manifest}: no valid samples")
+        if self._samples is not None:
             lacking = [s.id for s in self._samples if s.target is None]
             if need_target and lacking:
-                raise RefrlError(f"{cfg.manifest}: {len(lacking)} of {len(self._samples)} samples have no 'target' "
+                raise RefrlError(f"{where}: {len(lacking)} of {len(self._samples)} samples have no 'target' "
                                  f"(first: {lacking[0]!r}); {need_target}")
 
     def level_at(self, step: int) -> int:

@@ -1,5 +1,6 @@
 """Stage 2: RL for flow-matching policies, on any `Policy`: GRPO (Flow-GRPO family),
-DiffusionNFT or AWM, one loop for all (``objective`` in the config).
+DiffusionNFT or AWM, one trainer for all (``objective`` in the config), as the RL step of
+the shared loop `refrl.train.loop.TrainLoop`.
 
 One iteration:
 
@@ -10,51 +11,46 @@ One iteration:
    the old log-prob (GRPO), and the final latents; every random draw is keyed by
    (seed, iteration, sample), so a trajectory does not depend on the number of processes;
 3. the objective prepares its training data (nft/awm: training times and v_old, before
-   any update); score with the rewards, gather everything across processes, compute
-   advantages through `compute_advantages` (group norm / GDPO / SARS+TDW, DRS, DAR);
+   any update); score with the rewards, gather everything across processes into a
+   `Rollout`, compute advantages through `compute_advantages` (group norm / GDPO /
+   SARS+TDW, DRS, DAR);
 4. train with the objective's minibatch loss (`refrl.train.objectives`: PPO-clip on
    SDE steps, NFT, or AWM; + KL to the reference policy) over minibatches and inner
    epochs; on the first minibatch after a rollout the ratio must be 1 (on-policy guard).
+
+From Python the trainer takes objects, as TRL's do: a policy, a dataset (manifest path
+or samples) and rewards given as registered names, `Reward` objects or plain functions
+``(images, samples) -> list[float | None]`` (`refrl.rewards.function.FunctionReward`).
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import signal
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from refrl.config import dump_config
 from refrl.errors import RefrlError
-from refrl.models.build import build_policy, check_image_size
+from refrl.models.policy import Policy
+from refrl.rewards import Reward
 from refrl.rewards import build as build_reward
+from refrl.rewards.function import FunctionReward, RewardFunction
 from refrl.runfolder.files import save_safetensors
-from refrl.runfolder.layout import latest_checkpoint
-from refrl.runfolder.lock import lock_run_folder
-from refrl.runfolder.rng import seed_everything, seeded_generator
-from refrl.sampling.rollout import choose_sde_steps, encode_for_guidance, rollout_sde
+from refrl.runfolder.rng import seeded_generator
+from refrl.sampling.rollout import Rollout, choose_sde_steps, encode_for_guidance, rollout_sde
 from refrl.sampling.schedules import sigma_schedule
 from refrl.train.advantages import compute_advantages
-from refrl.train.checkpoint import (
-    init_fingerprint,
-    load_checkpoint,
-    resume_training,
-    rng_state,
-    save_checkpoint,
-)
-from refrl.train.data import SampleSource
-from refrl.train.distributed import Dist
-from refrl.train.ema import EMA
-from refrl.train.grpo_config import GRPOConfig
+from refrl.train.grpo_config import GRPOConfig, RewardSpec
+from refrl.train.loop import Dataset, LoopSpec, TrainLoop, main_process_lock
 from refrl.train.objectives import build_objective
-from refrl.train.optim import build_optimizer
-from refrl.train.run import MetricsWriter
+
+# A reward as the trainer takes it: a registered name, a spec (name, weight, options), a
+# `Reward` object, or a plain function (images, samples) -> list[float | None].
+RewardLike = str | RewardSpec | Reward | RewardFunction
 
 ON_POLICY_HELP = (
     "sampling and training disagree before any update. Usual causes: dropout or other "
@@ -68,47 +64,71 @@ class OnPolicyError(RefrlError):
     pass
 
 
-class GRPOTrainer:
-    """Holds the policy, optimizer, rewards and the process layout of one run."""
+def resolve_rewards(given: Sequence[RewardLike], weights: Sequence[float] | None = None
+                    ) -> tuple[dict[str, Reward], list[RewardSpec]]:
+    """Rewards by name and the specs that describe them in ``config.yaml`` (a spec's weight wins
+    over ``weights``; a plain function's spec has its name and no options)."""
+    if weights is not None and len(weights) != len(given):
+        raise RefrlError(f"reward_weights has {len(weights)} values for {len(given)} rewards")
+    rewards: dict[str, Reward] = {}
+    specs: list[RewardSpec] = []
+    for i, item in enumerate(given):
+        weight = 1.0 if weights is None else float(weights[i])
+        if isinstance(item, str):
+            item = RewardSpec(name=item, weight=weight)
+        if isinstance(item, RewardSpec):
+            reward, spec = build_reward(item.name, **item.options), item
+        else:
+            reward = item if isinstance(item, Reward) else FunctionReward(item)
+            spec = RewardSpec(name=reward.name, weight=weight)
+        if spec.name in rewards:
+            raise RefrlError(f"rewards: each reward once, got {spec.name!r} twice")
+        rewards[spec.name] = reward
+        specs.append(spec)
+    if not rewards:
+        raise RefrlError("rewards: give at least one reward")
+    return rewards, specs
 
-    def __init__(self, cfg: GRPOConfig, out_dir: str | Path, resume: bool = False):
-        self.cfg = cfg
-        self.out_dir = Path(out_dir)
-        self.dist = Dist(cfg.trackers, project_dir=str(self.out_dir))
-        self.ckpt_root = self.out_dir / "checkpoints"
-        if not resume and latest_checkpoint(self.ckpt_root) is not None:
-            raise RefrlError(f"{self.out_dir} already holds checkpoints; pass --resume or choose another --out")
-        if cfg.groups_per_iteration % self.dist.world or cfg.minibatch_size % self.dist.world:
-            raise RefrlError(
-                f"groups_per_iteration ({cfg.groups_per_iteration}) and minibatch_size ({cfg.minibatch_size}) "
-                f"must be divisible by the number of processes ({self.dist.world})"
-            )
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.out_dir / "config.yaml")
-        seed_everything(cfg.seed)
-        self.policy = build_policy(cfg.model)
-        check_image_size(self.policy, cfg.data.size)
-        self.policy.eval()  # no train-mode randomness anywhere: the on-policy ratio must be 1
-        self.named = [(f"p{i}", p) for i, p in enumerate(self.policy.trainable_parameters())]
-        self.params = [p for _, p in self.named]
-        self.optimizer, self.scheduler = build_optimizer(self.params, cfg.optim, cfg.iterations)
-        self.ema = EMA(self.named, cfg.ema_decay, warmup=False)
-        self.source = SampleSource(cfg.data, seed=cfg.seed, total_steps=cfg.iterations)
-        self.rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
-        self.weights = {r.name: r.weight for r in cfg.rewards}
-        self.init_sha = init_fingerprint(cfg.model.init)
-        self.reference = None
-        if cfg.beta_kl > 0:
-            self.reference = self._make_reference()
-        self.objective = build_objective(self)
-        self.start = 0
-        if resume:
-            self._resume()
-        if cfg.trackers and self.dist.is_main:
-            self.dist.accelerator.init_trackers("refrl-grpo", config=cfg.model_dump(mode="json"))
+
+class GRPOTrainer(TrainLoop):
+    """The RL step of the shared loop: rollout, rewards, advantages, the objective's updates.
+
+    ``policy``, ``dataset`` and ``rewards`` (with ``reward_weights``) replace what ``cfg``'s
+    ``model``, ``data`` and ``rewards`` sections would build; ``config.yaml`` then names the
+    given rewards.
+    """
+
+    cfg: GRPOConfig
+
+    def __init__(self, cfg: GRPOConfig, out_dir: str | Path, resume: bool = False, *,
+                 policy: Policy | str | None = None, dataset: Dataset | None = None,
+                 rewards: Sequence[RewardLike] | None = None, reward_weights: Sequence[float] | None = None):
+        self._given_rewards = (rewards, reward_weights)
+        super().__init__(cfg, out_dir, resume, policy=policy, dataset=dataset)
+
+    def loop_spec(self) -> LoopSpec:
+        cfg = self.cfg
+        return LoopSpec(kind=cfg.objective, total=cfg.iterations, checkpoint_every=cfg.checkpoint_every,
+                        keep_last=cfg.keep_last, ema_decay=cfg.ema_decay, ema_warmup=False, train_mode=False,
+                        trackers=list(cfg.trackers),
+                        per_process={"groups_per_iteration": cfg.groups_per_iteration,
+                                     "minibatch_size": cfg.minibatch_size})
 
     # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        self.source = self.sample_source()
+        given, weights = self._given_rewards
+        if given is None:
+            self.rewards, specs = resolve_rewards(self.cfg.rewards)
+        else:
+            self.rewards, specs = resolve_rewards(given, weights)
+            self.cfg = self.cfg.model_copy(update={"rewards": specs})
+        self.weights = {r.name: r.weight for r in specs}
+        self.reference = None
+        if self.cfg.beta_kl > 0:
+            self.reference = self._make_reference()
+        self.objective = build_objective(self)
+
     def _make_reference(self):
         """KL reference: the same network with the adapter off, or a frozen copy.
 
@@ -130,29 +150,14 @@ class GRPOTrainer:
             p.requires_grad_(False)
         return ref
 
-    def _resume(self) -> None:
-        self.start = resume_training(self.ckpt_root, self.named, self.optimizer, self.scheduler, self.ema,
-                                     self.init_sha, self.cfg.model.init, self.out_dir)
-        trainer_state, _, _ = load_checkpoint(latest_checkpoint(self.ckpt_root))
+    def extra_state(self) -> dict[str, Any]:
+        return {"objective": self.objective.state_dict()}
+
+    def load_extra_state(self, trainer_state: dict[str, Any]) -> None:
         self.objective.load_state_dict(trainer_state.get("objective", {}))
 
-    def checkpoint(self, iteration: int) -> Path | None:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": rng_state(), "objective": self.objective.state_dict()}
-        path = None
-        if self.dist.is_main:
-            def export(p: Path) -> None:
-                with self.ema.swapped_in():
-                    self.policy.save_pretrained(p)
-
-            path = save_checkpoint(self.ckpt_root, iteration, export, state, self.ema.state_dict(),
-                                   {"data_position": iteration, "kind": self.cfg.objective, "init_sha256": self.init_sha}, trainable=dict(self.named),
-                                   keep_last=self.cfg.keep_last)
-        self.dist.barrier()
-        return path
-
     # ------------------------------------------------------------------ one iteration
-    def rollout(self, it: int, step_noise_stream: int = 2) -> dict[str, Any]:
+    def rollout(self, it: int, step_noise_stream: int = 2) -> Rollout:
         """Roll out iteration ``it``'s groups and score them.
 
         ``step_noise_stream`` names the random stream of the SDE steps' noise; another
@@ -185,7 +190,7 @@ class GRPOTrainer:
             uncond = None if uncond is None else self.policy.select_condition(uncond, rep)
             traj = rollout_sde(self.policy, cond, uncond, x0, sigmas, sde_steps, sc.sde_kind, sc.noise_level,
                                sc.cfg_scale, step_noise)
-            images = self.policy.decode(traj["final"])
+            images = self.policy.decode(traj.final)
         expanded = [s for s in local_samples for _ in range(g_size)]
         t_reward = time.perf_counter()
         scores, extras = {}, {}
@@ -196,14 +201,14 @@ class GRPOTrainer:
             extras[name] = {k: self.dist.gather(v.float()) for k, v in out.extras.items()}
         encoder_calls = sum(getattr(r, "encoder_calls", 0) - calls_before[k] for k, r in self.rewards.items())
         reward_seconds = time.perf_counter() - t_reward
-        ro = {
-            "iteration": it, "groups": groups, "sde_steps": sde_steps, "sigmas": sigmas, "scores": scores,
-            "extras": extras, "reward_seconds": reward_seconds, "images": self.dist.gather(images),
-            "encoder_calls": encoder_calls, "final": self.dist.gather(traj["final"]),
-        }
+        ro = Rollout(
+            iteration=it, groups=groups, group_size=g_size, sigmas=sigmas, sde_steps=sde_steps,
+            final=self.dist.gather(traj.final), images=self.dist.gather(images), scores=scores, extras=extras,
+            reward_seconds=reward_seconds, encoder_calls=encoder_calls,
+        )
         if self.objective.needs_sde_steps:  # the log-prob-free objectives keep no per-step data
-            ro.update({"latents": self.dist.gather(traj["latents"]), "next_latents": self.dist.gather(traj["next_latents"]),
-                       "log_probs": self.dist.gather(traj["log_probs"])})
+            ro.latents, ro.next_latents = self.dist.gather(traj.latents), self.dist.gather(traj.next_latents)
+            ro.log_probs = self.dist.gather(traj.log_probs)
         return ro
 
     def _as_reference(self):
@@ -212,7 +217,7 @@ class GRPOTrainer:
             return self.policy, self.policy.adapter_disabled()
         return self.reference, nullcontext()
 
-    def minibatch_loss(self, ro: dict[str, Any], idx: torch.Tensor, mb_samples: list, adv: torch.Tensor,
+    def minibatch_loss(self, ro: Rollout, idx: torch.Tensor, mb_samples: list, adv: torch.Tensor,
                        loss_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, list[float]]]:
         """The objective's loss of the rollout samples ``idx`` (`refrl.train.objectives`).
 
@@ -221,10 +226,10 @@ class GRPOTrainer:
         """
         return self.objective.minibatch_loss(ro, idx, mb_samples, adv, loss_weights)
 
-    def train_on(self, it: int, ro: dict[str, Any], adv, loss_weights) -> dict[str, float]:
+    def train_on(self, it: int, ro: Rollout, adv: torch.Tensor, loss_weights: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
         n = cfg.groups_per_iteration * cfg.group_size
-        samples = [s for s in ro["groups"] for _ in range(cfg.group_size)]
+        samples = ro.samples
         mb, local_mb = cfg.minibatch_size, cfg.minibatch_size // self.dist.world
         n_mb = n // mb
         accumulate = n_mb if cfg.gradient_accumulation == "iteration" else cfg.gradient_accumulation
@@ -251,33 +256,30 @@ class GRPOTrainer:
                 # averaged over the accumulated minibatches, so the step size does not grow with accumulation
                 (total / accumulate).backward()
                 if (m + 1) % accumulate == 0:
-                    self.dist.average_gradients(self.params)
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-                    self.optimizer.step()
-                    self.ema.update()
+                    self.optimizer_step()
                 stats["loss"].append(float(total.detach()))
                 stats["ratio_mean"].append(float(r.mean()))
                 stats["ratio_max"].append(float(r.max()))
-        self.scheduler.step()
         mean = lambda v: float(sum(v) / len(v)) if v else 0.0  # noqa: E731
         extra = {k: mean(v) for k, v in stats.items() if k not in ("loss", "kl", "ratio_mean", "ratio_max")}
         return {"loss": mean(stats["loss"]), "kl": mean(stats["kl"]), "ratio_first": ratio_first,
                 "ratio_mean": mean(stats["ratio_mean"]), "ratio_max": max(stats["ratio_max"], default=1.0), **extra}
 
-    def advantages(self, ro: dict[str, Any]):
+    def advantages(self, ro: Rollout):
         """Advantages and loss weights of a scored rollout (`compute_advantages` with the config's shaping)."""
         cfg = self.cfg
         group_ids = torch.arange(cfg.groups_per_iteration).repeat_interleave(cfg.group_size)
-        n_refs = torch.tensor([s.n_refs for s in ro["groups"] for _ in range(cfg.group_size)])
-        return compute_advantages(ro["scores"], ro["extras"], self.weights, group_ids, n_refs,
+        n_refs = torch.tensor([s.n_refs for s in ro.samples])
+        return compute_advantages(ro.scores, ro.extras, self.weights, group_ids, n_refs,
                                   self.objective.advantage_steps(ro), cfg.sampling.steps, cfg.advantage)
 
-    def iteration(self, it: int) -> dict[str, Any]:
+    def step(self, it: int) -> dict[str, Any]:
+        """One iteration: rollout, advantages, the objective's updates; returns its metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
         with self.objective.sampling_context():
             ro = self.rollout(it)
-        t_rollout = time.perf_counter() - t0 - ro["reward_seconds"]
+        t_rollout = time.perf_counter() - t0 - ro.reward_seconds
         t1 = time.perf_counter()
         self.objective.prepare(it, ro)  # before any update: v_old is the rollout policy's
         t_prepare = time.perf_counter() - t1
@@ -286,64 +288,34 @@ class GRPOTrainer:
         if cfg.save_rollouts and self.dist.is_main:
             folder = self.out_dir / "rollouts"
             folder.mkdir(exist_ok=True)
-            save_safetensors({"advantages": res.advantages, "loss_weights": res.loss_weights, "images": ro["images"],
-                              **{f"reward/{k}": v for k, v in ro["scores"].items()}}, folder / f"iter-{it + 1}.safetensors")
+            save_safetensors({"advantages": res.advantages, "loss_weights": res.loss_weights, "images": ro.images,
+                              **{f"reward/{k}": v for k, v in ro.scores.items()}}, folder / f"iter-{it + 1}.safetensors")
         t1 = time.perf_counter()
         train_stats = self.train_on(it, ro, res.advantages, res.loss_weights)
         self.objective.after_iteration(it)
         t_train = time.perf_counter() - t1 + t_prepare
-        record: dict[str, Any] = {"step": it + 1}
-        for name, sc in ro["scores"].items():
+        record: dict[str, Any] = {}
+        for name, sc in ro.scores.items():
             valid = sc[~torch.isnan(sc)]
             record[f"reward/{name}"] = float(valid.mean()) if valid.numel() else float("nan")
             record[f"reward_std/{name}"] = float(valid.std()) if valid.numel() > 1 else 0.0
-        combined = sum(self.weights[k] * torch.nan_to_num(v, nan=0.0) for k, v in ro["scores"].items())
+        combined = sum(self.weights[k] * torch.nan_to_num(v, nan=0.0) for k, v in ro.scores.items())
         g_std = combined.view(cfg.groups_per_iteration, cfg.group_size).std(dim=1)
         record["zero_std_groups"] = float((g_std < 1e-6).float().mean())
         record.update(res.metrics)
         record.update(train_stats)
-        record.update({"sde_steps": ro["sde_steps"], "encoder_calls": ro["encoder_calls"],
-                       "seconds/rollout": t_rollout, "seconds/reward": ro["reward_seconds"], "seconds/train": t_train,
-                       "samples_per_second": n / (time.perf_counter() - t0), "lr": self.scheduler.get_last_lr()[0]})
+        record.update({"sde_steps": ro.sde_steps, "encoder_calls": ro.encoder_calls,
+                       "seconds/rollout": t_rollout, "seconds/reward": ro.reward_seconds, "seconds/train": t_train,
+                       "samples_per_second": n / (time.perf_counter() - t0)})
         return record
 
-    def run(self) -> Path | None:
-        cfg = self.cfg
-        metrics = MetricsWriter(self.out_dir / "metrics.jsonl", truncate_after_step=self.start) \
-            if self.dist.is_main else None
-        interrupted = {"flag": False}
-        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
-        bar = tqdm(range(self.start, cfg.iterations), initial=self.start, total=cfg.iterations, desc=cfg.objective,
-                   disable=not self.dist.is_main, dynamic_ncols=True)
-        path = None
-        try:
-            for it in bar:
-                record = self.iteration(it)
-                if metrics is not None:
-                    metrics.write(record)
-                if cfg.trackers and self.dist.is_main:
-                    self.dist.accelerator.log({k: v for k, v in record.items() if isinstance(v, float | int)}, step=it + 1)
-                bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3f}" for k in record if k.startswith("reward/")}
-                                | {"kl": f"{record['kl']:.2e}"})
-                done = it + 1
-                if done % cfg.checkpoint_every == 0 or done == cfg.iterations or interrupted["flag"]:
-                    path = self.checkpoint(done)
-                if interrupted["flag"]:
-                    raise KeyboardInterrupt
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            bar.close()
-            if metrics is not None:
-                metrics.close()
-            if cfg.trackers and self.dist.is_main:
-                self.dist.accelerator.end_training()
-        return path or latest_checkpoint(self.ckpt_root)
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {k.split("/")[-1]: f"{record[k]:.3f}" for k in record if k.startswith("reward/")} | {"kl": f"{record['kl']:.2e}"}
 
 
 def train_grpo(cfg: GRPOConfig, out_dir: str | Path, resume: bool = False) -> Path | None:
-    """Run RL (``cfg.objective``: grpo, nft or awm) into ``out_dir``; returns the last checkpoint. The main
-    process holds the run folder's lock (`refrl.runfolder.lock.lock_run_folder`) for the whole run."""
-    # under accelerate only the main process (RANK 0) writes into the run folder
-    main = int(os.environ.get("RANK", "0")) == 0
-    with lock_run_folder(out_dir) if main else nullcontext():
-        return GRPOTrainer(cfg, out_dir, resume=resume).run()
+    """Run RL (``cfg.objective``: grpo, nft or awm) into ``out_dir``; returns the last checkpoint.
+
+    The run folder's lock is taken first, so a busy folder is refused before anything else."""
+    with main_process_lock(out_dir):
+        return GRPOTrainer(cfg, out_dir, resume=resume).train()

@@ -10,38 +10,30 @@ a multi-reference model and they do not depend on the noise, so several noise
 levels per condition buy more flow-matching targets per second.
 
 Batches are a pure function of ``(seed, step)``, so the data position is the
-step and a resumed run sees exactly the batches an uninterrupted run would.
+step and a resumed run sees exactly the batches an uninterrupted run would. Under
+``accelerate launch`` each process takes an equal share of every batch
+(`refrl.train.loop` runs the loop).
 """
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from tqdm.auto import tqdm
 
-from refrl.config import StrictModel, dump_config
+from refrl.config import StrictModel
 from refrl.data.schema import LoadedSample
-from refrl.errors import RefrlError
-from refrl.models.build import ModelConfig, build_policy, check_image_size
-from refrl.runfolder.layout import latest_checkpoint
-from refrl.runfolder.lock import lock_run_folder
-from refrl.runfolder.rng import seed_everything, seeded_generator
-from refrl.train.checkpoint import (
-    init_fingerprint,
-    resume_training,
-    rng_state,
-    save_checkpoint,
-)
+from refrl.models.build import ModelConfig
+from refrl.models.policy import Policy
+from refrl.runfolder.rng import seeded_generator
 from refrl.train.data import DataConfig, SampleSource
-from refrl.train.ema import EMA
-from refrl.train.optim import OptimConfig, build_optimizer
-from refrl.train.run import MetricsWriter, Timer
+from refrl.train.loop import Dataset, LoopSpec, TrainLoop, main_process_lock
+from refrl.train.optim import OptimConfig
+from refrl.train.run import Timer
 
 
 class SFTConfig(StrictModel):
@@ -65,6 +57,7 @@ class SFTConfig(StrictModel):
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     keep_last: int = Field(2, ge=0, description="checkpoints kept (0 = all)")
     log_every: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
+    trackers: list[Literal["tensorboard", "wandb"]] = []
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -119,112 +112,84 @@ def _stack_masks(samples: list[LoadedSample], shape: tuple[int, ...]) -> torch.T
     return out
 
 
+class SFTTrainer(TrainLoop):
+    """Stage 1 as a step of `refrl.train.loop.TrainLoop`: one flow-matching step per step.
+
+    Each process encodes an equal, contiguous share of the step's conditions; the random
+    draws of the whole batch are the same on every process (`sft_step`), so N processes
+    take the step one process takes.
+    """
+
+    cfg: SFTConfig
+
+    def __init__(self, cfg: SFTConfig, out_dir: str | Path, resume: bool = False, *, policy: Policy | str | None = None,
+                 dataset: Dataset | None = None):
+        super().__init__(cfg, out_dir, resume, policy=policy, dataset=dataset)
+
+    def loop_spec(self) -> LoopSpec:
+        cfg = self.cfg
+        return LoopSpec(kind="sft", total=cfg.steps, checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last,
+                        ema_decay=cfg.ema_decay, ema_warmup=True, train_mode=True, log_every=cfg.log_every,
+                        trackers=list(cfg.trackers), per_process={"batch_size": cfg.batch_size})
+
+    def setup(self) -> None:
+        self.source = self.sample_source(need_target="SFT trains on the targets")
+        self.timer = Timer()
+        self.running: float | None = None
+
+    def step(self, i: int) -> dict[str, Any]:
+        loss, stats = sft_step(self.policy, self.source, self.cfg, i, self.dist.rank, self.dist.world)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = self.optimizer_step()
+        lv = self.dist.mean_across(float(loss.detach()))
+        self.running = lv if self.running is None else 0.98 * self.running + 0.02 * lv
+        record = {"loss": lv, "grad_norm": grad_norm}
+        if self.logs_at(i + 1):
+            record["seconds"] = self.timer.lap()
+        return {**record, **stats}
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{self.running:.4f}", "lr": f"{record['lr']:.1e}"}
+
+
 def train_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> Path:
     """Run SFT into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/). Returns the final checkpoint.
 
-    Holds the run folder's lock (`refrl.runfolder.lock.lock_run_folder`) for the whole run.
+    The run folder's lock is taken first, so a busy folder is refused before anything else."""
+    with main_process_lock(out_dir):
+        return SFTTrainer(cfg, out_dir, resume=resume).train()
+
+
+def sft_step(policy: Policy, source: SampleSource, cfg: SFTConfig, step: int, rank: int = 0,
+             world: int = 1) -> tuple[torch.Tensor, dict]:
+    """The loss of one step (batch, condition dropout and noise all from (seed, step)).
+
+    With ``world`` processes, process ``rank`` computes the loss of its contiguous share of
+    the batch; every draw is made for the whole batch first, so the shares' mean loss is
+    the one-process loss.
     """
-    with lock_run_folder(out_dir):
-        return _train_sft(cfg, Path(out_dir), resume)
-
-
-def _train_sft(cfg: SFTConfig, out_dir: Path, resume: bool) -> Path:
-    ckpt_root = out_dir / "checkpoints"
-    last = latest_checkpoint(ckpt_root)
-    if last is not None and not resume:
-        raise RefrlError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
-    if last is None and resume:
-        raise RefrlError(f"--resume: no checkpoint under {ckpt_root}")
-    seed_everything(cfg.seed)
-    policy = build_policy(cfg.model)
-    check_image_size(policy, cfg.data.size)
-    policy.train()
-    named = [(f"p{i}", p) for i, p in enumerate(policy.trainable_parameters())]
-    optimizer, scheduler = build_optimizer([p for _, p in named], cfg.optim, cfg.steps)
-    ema = EMA(named, cfg.ema_decay)
-    source = SampleSource(cfg.data, seed=cfg.seed, total_steps=cfg.steps, need_target="SFT trains on the targets")
-    dump_config(cfg, out_dir / "config.yaml")  # once the model and the data are known to load
-
-    start = 0
-    init_sha = init_fingerprint(cfg.model.init)
-    if resume:
-        start = resume_training(ckpt_root, named, optimizer, scheduler, ema, init_sha, cfg.model.init, out_dir)
-    # lines after the checkpoint (all of them in a fresh run) are redone, so every step is logged once
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", truncate_after_step=start)
-
-    def checkpoint(step: int) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-
-        def export(path: Path) -> None:  # the loadable model carries the EMA weights
-            with ema.swapped_in():
-                policy.save_pretrained(path)
-
-        return save_checkpoint(
-            ckpt_root, step, export, state, ema.state_dict(), {"data_position": step, "kind": "sft", "init_sha256": init_sha},
-            trainable=dict(named), keep_last=cfg.keep_last,
-        )
-
-    interrupted = {"flag": False}
-
-    def on_sigint(signum, frame):  # finish the step, save, then exit
-        interrupted["flag"] = True
-
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    timer = Timer()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", dynamic_ncols=True)
-    last_path: Path | None = None
-    running = None
-    try:
-        for step in bar:
-            loss, stats = sft_step(policy, source, cfg, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            ema.update()
-            lv = float(loss.detach())
-            running = lv if running is None else 0.98 * running + 0.02 * lv
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                metrics.write(
-                    {"step": step + 1, "loss": lv, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                     "seconds": timer.lap(), **stats}
-                )
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or interrupted["flag"]:
-                last_path = checkpoint(step + 1)
-            if interrupted["flag"]:
-                bar.close()
-                raise KeyboardInterrupt
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        metrics.close()
-        bar.close()
-    if last_path is None:
-        last_path = latest_checkpoint(ckpt_root)
-    return last_path
-
-
-def sft_step(policy, source: SampleSource, cfg: SFTConfig, step: int) -> tuple[torch.Tensor, dict]:
-    """The loss of one step (batch, condition dropout and noise all from (seed, step))."""
     samples = source.batch(step, cfg.batch_size)
     g = seeded_generator(cfg.seed, step, 1)
     b = len(samples)
     drop_both = torch.rand(b, generator=g) < cfg.drop_both_prob
     drop_text = (torch.rand(b, generator=g) < cfg.drop_text_prob) | drop_both
     drop_refs = (torch.rand(b, generator=g) < cfg.drop_refs_prob) | drop_both
-    cond = policy.encode_condition(samples, drop_text=drop_text, drop_refs=drop_refs)
-    x0 = policy.encode_images(torch.stack([s.target for s in samples]))
+    per = b // world
+    lo, hi = rank * per, (rank + 1) * per
+    local = samples[lo:hi]
+    cond = policy.encode_condition(local, drop_text=drop_text[lo:hi], drop_refs=drop_refs[lo:hi])
+    x0 = policy.encode_images(torch.stack([s.target for s in local]))
     k = cfg.noise_per_condition
-    index = torch.arange(b).repeat_interleave(k)
+    index = torch.arange(per).repeat_interleave(k)
     cond_k = policy.select_condition(cond, index) if k > 1 else cond
     x0 = x0[index]
-    sigma = sample_sigmas(cfg, b * k, g)
-    noise = torch.randn(x0.shape, generator=g)
+    sigma = sample_sigmas(cfg, b * k, g)[lo * k : hi * k]
+    noise = torch.randn((b * k, *x0.shape[1:]), generator=g)[lo * k : hi * k]
     s = sigma.view(-1, *([1] * (x0.dim() - 1)))
     x_t = (1 - s) * x0 + s * noise
     pred = policy.velocity(x_t, sigma, cond_k)
-    masks = _stack_masks(samples, x0.shape)
+    masks = _stack_masks(local, x0.shape)
     weight = x0_loss_weight(sigma, cfg.x0_weight_floor) if cfg.loss_weighting == "x0" else None
     loss = flow_matching_loss(pred, noise - x0, None if masks is None else masks[index], cfg.mask_loss, cfg.mask_weight,
                               sample_weight=weight)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from refrl.sampling.rollout import Rollout
 from refrl.train.grpo import GRPOTrainer
 
 
@@ -60,10 +61,10 @@ def trained_step_share(first: torch.Tensor, second: torch.Tensor, group_size: in
     return caused / total if total > 0 else float("nan")
 
 
-def half_gradients(trainer: GRPOTrainer, ro: dict[str, Any], adv: torch.Tensor, loss_weights: torch.Tensor):
+def half_gradients(trainer: GRPOTrainer, ro: Rollout, adv: torch.Tensor, loss_weights: torch.Tensor):
     """Gradients of the objective's loss on the first and the second half of the iteration's groups."""
     cfg = trainer.cfg
-    samples = [s for s in ro["groups"] for _ in range(cfg.group_size)]
+    samples = ro.samples
     n = len(samples)
     cut = cfg.groups_per_iteration // 2 * cfg.group_size  # whole groups on each side
     grads = []
@@ -88,14 +89,14 @@ def measure_signal(trainer: GRPOTrainer, iterations: int = 3) -> dict[str, Any]:
         with trainer.objective.sampling_context():
             ro = trainer.rollout(it)
             # an ODE rollout (nft/awm with sampling.sde_steps=none) has no trained step to re-roll: share NaN
-            again = trainer.rollout(it, step_noise_stream=102) if ro["sde_steps"] else None
+            again = trainer.rollout(it, step_noise_stream=102) if ro.sde_steps else None
         trainer.objective.prepare(it, ro)
         res = trainer.advantages(ro)
         first, second = half_gradients(trainer, ro, res.advantages, res.loss_weights)
         cosines.append(cosine(first, second))
         for name in trainer.rewards:
             shares[name].append(float("nan") if again is None else
-                                trained_step_share(ro["scores"][name], again["scores"][name], cfg.group_size))
+                                trained_step_share(ro.scores[name], again.scores[name], cfg.group_size))
     mean = lambda v: float(torch.tensor(v).nanmean()) if v else float("nan")  # noqa: E731
     return {
         "iterations": iterations,

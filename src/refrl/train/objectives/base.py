@@ -1,9 +1,9 @@
-"""What an RL objective supplies to the one training loop of `refrl.train.grpo`.
+"""What an RL objective supplies to the RL trainer `refrl.train.grpo.GRPOTrainer`.
 
 The trainer owns rollout, rewards, advantages, minibatching, gradient accumulation,
 checkpoints and the on-policy guard. An objective owns only the loss over the shared
 rollout: it may prepare per-iteration data after the rollout (training times, the old
-policy's outputs), names the steps its advantages are computed at, and returns the
+policy's outputs, kept in `Rollout.prepared`), names the steps its advantages are computed at, and returns the
 loss of a minibatch together with the ratios the on-policy guard checks.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from refrl.sampling.rollout import encode_for_guidance, guided_velocity
+from refrl.sampling.rollout import Rollout, encode_for_guidance, guided_velocity
 
 MinibatchLoss = tuple[torch.Tensor, torch.Tensor, dict[str, list[float]]]
 
@@ -40,14 +40,14 @@ class Objective:
         """The weights rollouts are drawn with (default: the trained weights)."""
         return nullcontext()
 
-    def prepare(self, it: int, ro: dict[str, Any]) -> None:
+    def prepare(self, it: int, ro: Rollout) -> None:
         """Add per-iteration training data to the rollout record ``ro`` (before any update)."""
 
-    def advantage_steps(self, ro: dict[str, Any]) -> list[int] | torch.Tensor:
+    def advantage_steps(self, ro: Rollout) -> list[int] | torch.Tensor:
         """Step indices passed to `compute_advantages` (where TDW is evaluated)."""
-        return ro["sde_steps"]
+        return ro.sde_steps
 
-    def minibatch_loss(self, ro: dict[str, Any], idx: torch.Tensor, mb_samples: list, adv: torch.Tensor,
+    def minibatch_loss(self, ro: Rollout, idx: torch.Tensor, mb_samples: list, adv: torch.Tensor,
                        loss_weights: torch.Tensor) -> MinibatchLoss:
         """Loss (with gradients) of the rollout samples ``idx``, their ratios (detached), per-step stats."""
         raise NotImplementedError

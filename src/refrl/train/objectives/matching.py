@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from refrl.runfolder.rng import seeded_generator
-from refrl.sampling.rollout import encode_for_guidance, guided_velocity
+from refrl.sampling.rollout import Rollout, encode_for_guidance, guided_velocity
 from refrl.train.ema import EMA
 from refrl.train.losses import velocity_kl
 from refrl.train.objectives.base import MinibatchLoss, Objective
@@ -106,17 +106,17 @@ class MatchingObjective(Objective):
         return torch.stack([torch.randn((k, *shape), generator=seeded_generator(self.cfg.seed, it, NOISE_STREAM, int(i)))
                             for i in index])
 
-    def prepare(self, it: int, ro: dict[str, Any]) -> None:
+    def prepare(self, it: int, ro: Rollout) -> None:
         """Draw every sample's training times and keep the old policy's outputs there (no grad)."""
         cfg, m, trainer = self.cfg, self.cfg.matching, self.trainer
-        x0_all = ro["final"]
+        x0_all = ro.final
         n, shape = x0_all.shape[0], tuple(x0_all.shape[1:])
         times = torch.stack([
-            sample_training_times(m.k, m.time_sampling, ro["sigmas"], m.t_min, m.t_max, m.logit_mean, m.logit_std,
+            sample_training_times(m.k, m.time_sampling, ro.sigmas, m.t_min, m.t_max, m.logit_mean, m.logit_std,
                                   seeded_generator(cfg.seed, it, TIME_STREAM, i))
             for i in range(n)
         ])
-        samples = [s for s in ro["groups"] for _ in range(cfg.group_size)]
+        samples = ro.samples
         per_rank = n // trainer.dist.world
         local = torch.arange(trainer.dist.rank * per_rank, (trainer.dist.rank + 1) * per_rank)
         outs = []
@@ -131,12 +131,12 @@ class MatchingObjective(Objective):
                     v_old = guided_velocity(trainer.policy, x_t, t, conds[0], conds[1], cfg.sampling.cfg_scale)
                     per_time.append(self.old_output(v_old.float(), u, t))
                 outs.append(torch.stack(per_time, 1))
-        ro["matching"] = {"t": times, "old": trainer.dist.gather(torch.cat(outs))}
+        ro.prepared.update(t=times, old=trainer.dist.gather(torch.cat(outs)))
 
-    def advantage_steps(self, ro: dict[str, Any]) -> torch.Tensor:
+    def advantage_steps(self, ro: Rollout) -> torch.Tensor:
         """(N, K) positions of the training times on the rollout schedule: TDW weights each time."""
-        t = ro["matching"]["t"]
-        return schedule_position(t.reshape(-1), ro["sigmas"]).reshape(t.shape)
+        t = ro.prepared["t"]
+        return schedule_position(t.reshape(-1), ro.sigmas).reshape(t.shape)
 
     # ------------------------------------------------------------------ loss
     def old_output(self, v_old: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -148,13 +148,13 @@ class MatchingObjective(Objective):
         """Loss of one training time (scalar, with gradients), ratios (B,) for the guard, stats."""
         raise NotImplementedError
 
-    def minibatch_loss(self, ro: dict[str, Any], idx: torch.Tensor, mb_samples: list, adv: torch.Tensor,
+    def minibatch_loss(self, ro: Rollout, idx: torch.Tensor, mb_samples: list, adv: torch.Tensor,
                        loss_weights: torch.Tensor) -> MinibatchLoss:
         """Mean over the K training times of ``time_loss`` (+ beta * velocity KL to the reference)."""
         cfg, k = self.cfg, self.cfg.matching.k
-        x0 = ro["final"][idx].float()
-        times, old = ro["matching"]["t"][idx], ro["matching"]["old"][idx]
-        noise = self._noise(ro["iteration"], idx, tuple(x0.shape[1:]))
+        x0 = ro.final[idx].float()
+        times, old = ro.prepared["t"][idx], ro.prepared["old"][idx]
+        noise = self._noise(ro.iteration, idx, tuple(x0.shape[1:]))
         conds, ref_conds = self.conditions(mb_samples)
         stats: dict[str, list[float]] = {"kl": []}
         total = torch.zeros(())
