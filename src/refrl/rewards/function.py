@@ -17,14 +17,14 @@ import torch
 
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
-from refrl.rewards.base import Reward, RewardOutput
+from refrl.rewards.base import BaseReward, RewardOutput
 
 RewardFunction = Callable[[torch.Tensor, Sequence[LoadedSample]], Any]
 
 
-class FunctionReward(Reward):
-    """Wraps ``fn(images, samples) -> list[float | None]`` (a list, tuple, array or (B,) tensor)."""
-
+class FunctionReward(BaseReward):
+    """Wraps ``fn(images, samples) -> list[float | None]`` (a list, tuple, array or (B,) tensor);
+    `BaseReward` checks the batch and runs it without autograd."""
 
     def __init__(self, fn: RewardFunction, name: str | None = None):
         if not callable(fn):
@@ -32,9 +32,10 @@ class FunctionReward(Reward):
         name = name or getattr(fn, "__name__", None) or type(fn).__name__
         if name == "<lambda>":  # metrics keys are reward/<name>: a lambda needs one given
             raise RefrlError("a lambda reward needs a name: FunctionReward(fn, name='...')")
+        super().__init__()
         self.fn, self.name = fn, name
 
-    def __call__(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
+    def score(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
         out = self.fn(images, samples)
         if isinstance(out, torch.Tensor):
             out = out.detach().cpu().reshape(-1).tolist()
