@@ -304,26 +304,18 @@ def eval_cmd(
 
 @app.command("report")
 def report_cmd(
-    run_dirs: Annotated[list[Path], typer.Argument(
-        help="A run folder (config.yaml, metrics.jsonl, eval folders); several: one report overlaying them.")],
-    out: Annotated[Path | None, typer.Option(
-        help="Output file (default RUN_DIR/report.html; for several runs report-overlay.html in their common "
-             "parent).", dir_okay=False, writable=True)] = None,
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folder(s); several: one page overlaying them.")],
+    out: Annotated[Path | None, typer.Option(help="Output file (default RUN_DIR/report.html; several runs: "
+                                             "report-overlay.html in their common parent).", dir_okay=False, writable=True)] = None,
     smooth: Annotated[int, typer.Option(help="Several runs: moving average over this many iterations.")] = 10,
 ) -> None:
-    """Write a self-contained report.html: curves, before/after tables, score vs #references, grids.
-
-    Given several run folders (e.g. GRPO, NFT and AWM from the same SFT model), it overlays their
-    reward curves against rollouts and puts their evaluations side by side.
-    """
-    if len(run_dirs) == 1:
-        from refrl.eval.report import write_report
-
-        typer.echo(f"wrote {write_report(run_dirs[0], out)}")
-        return
+    """Write a self-contained report.html (curves, before/after tables, score vs #references, grids);
+    given several runs, their reward curves against rollouts and their evaluations side by side."""
     from refrl.eval.overlay import write_overlay_report
+    from refrl.eval.report import write_report
 
-    typer.echo(f"wrote {write_overlay_report(run_dirs, out, smooth=smooth)}")
+    path = write_report(run_dirs[0], out) if len(run_dirs) == 1 else write_overlay_report(run_dirs, out, smooth=smooth)
+    typer.echo(f"wrote {path}")
 
 
 @app.command("ablate")
