@@ -18,6 +18,10 @@ from refrl.eval.runner import DEFAULT_BATCH_SIZE, DEFAULT_CFG, DEFAULT_STEPS, EV
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "eval-refworld.yaml"
 
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_eval import _main  # noqa: E402
+
+
 def test_preset_and_overrides():
     cfg = load_config(EvalConfig, PRESET, ["ckpt=tiny-sft", "steps=40", "reward_options.dino.checkpoint=/m"])
     assert (cfg.suite, cfg.n, cfg.steps, cfg.split, cfg.level) == ("refworld", 96, 40, "test", 2)
@@ -37,17 +41,6 @@ def test_bad_keys_and_values_are_one_line_errors(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(EvalConfig, PRESET, ["ckpt=tiny-sft", override])
     assert expected in str(err.value) and "\n" not in str(err.value)
-
-
-def _main(monkeypatch, argv: list[str]) -> int:
-    from refrl import cli
-
-    monkeypatch.setattr(sys, "argv", ["refrl", *argv])
-    try:
-        cli.main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_cli_runs_a_preset_with_flags_and_overrides(tmp_path, monkeypatch):

@@ -223,7 +223,9 @@ def console_errors(events: list[dict]) -> list[str]:
     return out
 
 
-def test_report_in_headless_chromium(run_dir, tmp_path):
+def open_in_chromium(page: Path, tmp_path: Path, probe: str) -> tuple[dict, bytes, list[str]]:
+    """Load ``page`` in headless Chromium (WINDOW size); returns the JSON value of the ``probe``
+    expression, a PNG screenshot and the console / load errors."""
     chromium = chromium_or_skip()
     cdp = CDP(chromium, tmp_path / "profile")
     try:
@@ -233,22 +235,27 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
             cdp.send(method, session=session)
         cdp.send("Emulation.setDeviceMetricsOverride",
                  {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False}, session=session)
-        cdp.send("Page.navigate", {"url": (run_dir / "report.html").resolve().as_uri()}, session=session)
+        cdp.send("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
         cdp.wait_for("Page.loadEventFired")
-        probe = ("JSON.stringify({title: document.title, images: document.images.length,"
-                 " broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length,"
-                 " height: document.body.scrollHeight})")
-        state = json.loads(cdp.send("Runtime.evaluate", {"expression": probe, "returnByValue": True},
+        state = json.loads(cdp.send("Runtime.evaluate", {"expression": f"JSON.stringify({probe})", "returnByValue": True},
                                     session=session)["result"]["value"])
-        shot = cdp.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
-        errors = console_errors(cdp.events)
+        shot = base64.b64decode(cdp.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"])
+        return state, shot, console_errors(cdp.events)
     finally:
         cdp.close()
+
+
+def test_report_in_headless_chromium(run_dir, tmp_path):
+    state, shot, errors = open_in_chromium(
+        run_dir / "report.html", tmp_path,
+        "{title: document.title, images: document.images.length,"
+        " broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length,"
+        " height: document.body.scrollHeight}")
     assert errors == []
     assert state["title"].startswith("refrl report") and state["images"] >= 6 and state["broken"] == 0
     assert state["height"] > WINDOW[1]  # more than one screen of content
     png_path = tmp_path / "report.png"
-    png_path.write_bytes(base64.b64decode(shot))
+    png_path.write_bytes(shot)
     pixels = np.asarray(Image.open(png_path).convert("L"), dtype=np.float32)
     assert pixels.shape == (WINDOW[1], WINDOW[0])
     assert pixels.std() > BLANK_STD and (pixels < 200).mean() > 0.01  # text and plots, not a blank page

@@ -36,7 +36,7 @@ from refrl.eval.plots import moving_average
 from refrl.train.grpo_config import GRPOConfig, RewardSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_report import CDP, WINDOW, chromium_or_skip, console_errors, run_dir  # noqa: E402,F401,F811
+from test_report import open_in_chromium, run_dir  # noqa: E402,F401,F811
 
 
 @pytest.fixture(scope="module")
@@ -157,29 +157,14 @@ def test_overlay_cli(runs, tmp_path):
 
 
 def test_overlay_in_headless_chromium(runs, tmp_path):
-    chromium = chromium_or_skip()
     page_path = write_overlay_report(runs, tmp_path / "overlay.html")
-    cdp = CDP(chromium, tmp_path / "profile")
-    try:
-        target = cdp.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for method in ("Runtime.enable", "Log.enable", "Page.enable"):
-            cdp.send(method, session=session)
-        cdp.send("Emulation.setDeviceMetricsOverride",
-                 {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False}, session=session)
-        cdp.send("Page.navigate", {"url": page_path.resolve().as_uri()}, session=session)
-        cdp.wait_for("Page.loadEventFired")
-        probe = ("JSON.stringify({title: document.title, images: document.images.length,"
-                 " broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length,"
-                 " rows: document.querySelectorAll('table tr').length})")
-        state = json.loads(cdp.send("Runtime.evaluate", {"expression": probe, "returnByValue": True},
-                                    session=session)["result"]["value"])
-        shot = cdp.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
-        errors = console_errors(cdp.events)
-    finally:
-        cdp.close()
+    state, shot, errors = open_in_chromium(
+        page_path, tmp_path,
+        "{title: document.title, images: document.images.length,"
+        " broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length,"
+        " rows: document.querySelectorAll('table tr').length}")
     assert errors == []
     assert state["title"] == "refrl report: 2 runs" and state["images"] == 1 and state["broken"] == 0
     assert state["rows"] >= 3 + 4  # runs table (header + 2) and the evaluation tables
-    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(shot))).convert("L"), dtype=np.float32)
+    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"), dtype=np.float32)
     assert pixels.std() > 10.0 and (pixels < 200).mean() > 0.01  # text and plots, not a blank page

@@ -15,7 +15,6 @@ The page is static HTML with images embedded, like the single-run report.
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import os
 import statistics
@@ -27,18 +26,8 @@ import yaml
 
 from refrl.errors import RefrlError
 from refrl.eval import plots
-from refrl.eval.report import (
-    CSS,
-    _e,
-    _eval_tables,
-    _fmt,
-    _img,
-    _metric_names,
-    _read_jsonl,
-    _table,
-    describe_run,
-    find_evals,
-)
+from refrl.eval.html import _e, _fmt, _img, _table, html_page
+from refrl.eval.report import _eval_tables, _metric_names, _read_jsonl, describe_run, find_evals
 
 OVERLAY_FILE = "report-overlay.html"
 TRAINED_MEAN_KEY = "trained rewards, mean"
@@ -150,17 +139,8 @@ def write_overlay_report(run_dirs: Sequence[str | os.PathLike], out: str | os.Pa
     for suite, group in by_suite.items():
         sections.append((f"eval-{suite}", f"Evaluation: {suite}", _eval_tables(group, _metric_names(group))))
 
-    nav = "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t, _ in sections)
-    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    page = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>refrl report: {len(runs)} runs</title><style>{CSS}</style></head><body>"
-        f"<h1>refrl report: {len(runs)} runs</h1><p class='lead'>{_e(', '.join(runs))}</p>"
-        f"<p class='muted'>written {stamp}</p><nav>{nav}</nav>"
-        + "".join(f"<h2 id='{_e(a)}'>{_e(t)}</h2>{b}" for a, t, b in sections)
-        + "</body></html>\n"
-    )
     parent = Path(os.path.commonpath([str(p) for p in labels.values()]))
+    page = html_page(f"refrl report: {len(runs)} runs", _e(", ".join(runs)), str(parent), sections)
     out_path = Path(out) if out is not None else parent / OVERLAY_FILE
     from refrl.runfolder.files import atomic_write_text
 

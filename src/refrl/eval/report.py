@@ -20,9 +20,6 @@ JavaScript: the page is static HTML + CSS.
 
 from __future__ import annotations
 
-import base64
-import datetime as _dt
-import html
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -35,6 +32,7 @@ import yaml
 from refrl.errors import RefrlError
 from refrl.eval import plots
 from refrl.eval.grid import sample_row, save_grid
+from refrl.eval.html import FLOAT_DIGITS, _e, _fmt, _img, _table, html_page
 
 REPORT_FILE = "report.html"
 GRIDS_DIR = "grids"
@@ -43,21 +41,8 @@ BEFORE_AFTER_ROWS = 8
 EVAL_SEARCH_DEPTH = 2
 BEFORE_WORDS = ("before", "sft", "base")
 AFTER_WORDS = ("after", "rl", "grpo")
-FLOAT_DIGITS = 4
 MAX_CATEGORY_CURVES = 1  # evaluations that get a per-category plot (the last ones)
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;
-color:#1d232a;background:#fff;line-height:1.45;padding:0 16px}
-h1{font-size:26px;margin-bottom:4px}h2{font-size:20px;border-bottom:2px solid #e3e7eb;padding-bottom:4px;
-margin-top:34px}h3{font-size:16px;margin-bottom:6px}.lead{font-size:16px;color:#37414b}
-.muted{color:#6b7782;font-size:13px}table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
-th,td{border:1px solid #d5dbe0;padding:4px 9px;text-align:right}th{background:#f2f5f7}
-td.l,th.l{text-align:left}.up{color:#137a2e;font-weight:600}.down{color:#b3261e;font-weight:600}
-img.plot{max-width:100%;border:1px solid #e3e7eb;margin:6px 0}img.grid{image-rendering:pixelated;
-max-width:100%;border:1px solid #e3e7eb;margin:6px 0}pre{background:#f6f8fa;padding:10px;overflow-x:auto;
-font-size:12px}.card{display:inline-block;vertical-align:top;margin:0 18px 8px 0}nav a{margin-right:14px}
-"""
 
 
 # --------------------------------------------------------------------------- before/after grid
@@ -132,30 +117,6 @@ def find_evals(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- HTML pieces
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x))
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{FLOAT_DIGITS}g}"
-    return _e(v)
-
-
-def _img(data: bytes, alt: str, cls: str = "plot") -> str:
-    return f'<img class="{cls}" alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
-    """Cells are HTML already (escape before); the first ``left`` columns align left."""
-    th = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c}</td>' for i, c in enumerate(r))
-                   + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
 
 
 def describe_run(config: Mapping[str, Any]) -> str:
@@ -380,17 +341,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     if config_html:
         sections.append(("config", "Configuration", config_html))
 
-    nav = "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t, _ in sections)
     lead = "<br>".join(sentences) or "A run folder."
-    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    page = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>refrl report: {_e(run_dir.name)}</title><style>{CSS}</style></head><body>"
-        f"<h1>refrl report: {_e(run_dir.resolve().name)}</h1><p class='lead'>{lead}</p>"
-        f"<p class='muted'>{_e(run_dir.resolve())} · written {stamp}</p><nav>{nav}</nav>"
-        + "".join(f"<h2 id='{_e(a)}'>{_e(t)}</h2>{b}" for a, t, b in sections)
-        + "</body></html>\n"
-    )
+    page = html_page(f"refrl report: {run_dir.resolve().name}", lead, str(run_dir.resolve()), sections)
     out_path = Path(out) if out is not None else run_dir / REPORT_FILE
     from refrl.runfolder.files import atomic_write_text
 
