@@ -75,3 +75,20 @@ def launch():
         assert res.returncode == 0, res.stderr[-3000:]
 
     return run
+
+
+# RefWorld samples the reward tests score (test_rewards.py, test_reward_registry.py)
+@pytest.fixture(scope="module")
+def world() -> list:
+    """Every category, level 2 (patterns, textures and photos)."""
+    from refrl.data.refworld.world import RefWorld
+
+    return RefWorld(level=2).generate(48, seed=21)
+
+
+@pytest.fixture(scope="module")
+def plain() -> list:
+    """Subjects on plain backgrounds without style or light: where cut-and-paste edits are exact."""
+    from refrl.data.refworld.world import RefWorld
+
+    return RefWorld(level=1, categories=["subject", "subject_layout"]).generate(16, seed=22)
