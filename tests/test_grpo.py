@@ -178,6 +178,26 @@ def test_missing_tracker_package_is_a_clear_error(tmp_path, tiny_policy_dir, mon
         GRPOTrainer(grpo_cfg(tiny_policy_dir, "trackers=[tensorboard]"), tmp_path / "run")
 
 
+def test_a_sharding_accelerate_config_is_refused(monkeypatch):
+    """FSDP / DeepSpeed configs would leave a full replica per process behind refrl's own
+    gradient averaging: refused with the allowed types named (CPU accelerate turns an FSDP
+    config into MULTI_CPU, so the type is faked here)."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from refrl.errors import RefrlError
+    from refrl.train.distributed import Dist
+
+    class Sharded(accelerate.Accelerator):
+        @property
+        def distributed_type(self):
+            return DistributedType.FSDP
+
+    monkeypatch.setattr(accelerate, "Accelerator", Sharded)
+    with pytest.raises(RefrlError, match="distributed_type=FSDP is not supported.*MULTI_GPU / MULTI_CPU"):
+        Dist()
+
+
 def test_gradient_accumulation_over_the_iteration_equals_one_minibatch(tmp_path, tiny_policy_dir):
     """Summing the gradients of 4 minibatches (each averaged, then /4) is the one-minibatch step."""
     one = tmp_path / "one"
