@@ -58,21 +58,29 @@ def brightness_reward() -> str:
 
 @pytest.fixture
 def launch():
-    """``launch(n, args)`` runs ``python -m refrl ARGS`` as ``n`` CPU processes (gloo) under
-    ``accelerate launch`` and asserts it succeeded; skips without the accelerate CLI."""
+    """``launch((n, args), ...)`` runs each ``python -m refrl ARGS`` as ``n`` CPU processes (gloo)
+    under ``accelerate launch``, all at once, and asserts they succeeded; skips without the
+    accelerate CLI."""
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.is_file():
         pytest.skip("accelerate CLI not installed")
 
-    def run(n: int, args: list[str]) -> None:
+    def command(n: int, args: list[str]) -> list[str]:
         # `--cpu` starts one process whatever --num_processes says (accelerate's simple launcher);
         # the multi-process launcher with no visible GPU starts n CPU processes
         mode = ["--multi_gpu"] if n > 1 else ["--cpu"]
-        cmd = [str(accelerate), "launch", *mode, "--num_processes", str(n), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refrl", *args]
+        return [str(accelerate), "launch", *mode, "--num_processes", str(n), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refrl", *args]
+
+    def run(*jobs: tuple[int, list[str]]) -> None:
+        """Each job ``(n, args)`` at the same time (a 1-process run leaves a core free beside a
+        2-process one); every one must succeed."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
+        procs = [subprocess.Popen(command(n, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  env=env) for n, args in jobs]
+        errors = [p.communicate(timeout=600)[1] for p in procs]
+        for p, err in zip(procs, errors, strict=True):
+            assert p.returncode == 0, err[-3000:]
 
     return run
 

@@ -103,10 +103,8 @@ def test_two_processes_match_one(tmp_path, tiny_policy_dir, launch, command, ext
         "minibatch_size=4", "sampling.steps=4", "clip_range=0.2", "optim.lr=1e-3", "data.max_refs=3",
         "save_rollouts=true", *extra,
     ]
-    runs = {}
-    for n in (1, 2):
-        runs[n] = tmp_path / f"np{n}"
-        launch(n, [command, "--config", "configs/tiny-cpu-grpo.yaml", "--out", str(runs[n]), *overrides])
+    runs = {n: tmp_path / f"np{n}" for n in (1, 2)}
+    launch(*[(n, [command, "--config", "configs/tiny-cpu-grpo.yaml", "--out", str(runs[n]), *overrides]) for n in runs])
     assert [r["processes"] for r in metrics(runs[2])] == [2] * iterations
     for it in range(1, iterations + 1):
         # After an update the two runs' weights differ by float rounding (~1e-6: the gradients are

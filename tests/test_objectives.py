@@ -307,7 +307,7 @@ def test_bad_objective_options_are_one_line_errors(tmp_path, command, overrides,
 def test_presets_load(objective):
     cfg = load_config(GRPOConfig, f"configs/tiny-cpu-{objective}.yaml")
     assert cfg.objective == objective and cfg.sampling.sde_steps == "none" and cfg.sampling.cfg_scale == 2.0
-    assert cfg.model.init == "tiny-sft" and [r.name for r in cfg.rewards] == ["identity", "layout", "fidelity"]
+    assert cfg.model.init == "tiny-sft" and [r.name for r in cfg.rewards] == ["identity", "layout", "fidelity", "style"]
 
 
 def test_signal_check_runs_for_a_matching_objective(tmp_path, tiny_policy_dir):

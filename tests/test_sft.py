@@ -149,12 +149,10 @@ def test_cli_bad_config_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, launch):
     """Same global batch and seed: 2 gloo processes, each with half of every batch, take the step 1 process takes."""
-    runs = {}
-    for n in (1, 2):
-        runs[n] = tmp_path / f"np{n}"
-        # refine samples carry a mask: the masked loss on some processes' shares only
-        launch(n, ["sft", "--config", "configs/tiny-cpu-sft.yaml", "--out", str(runs[n]), *TINY, "batch_size=4",
-                   "steps=2", "data.categories=[refine,subject_bg]"])
+    runs = {n: tmp_path / f"np{n}" for n in (1, 2)}
+    # refine samples carry a mask: the masked loss on some processes' shares only
+    launch(*[(n, ["sft", "--config", "configs/tiny-cpu-sft.yaml", "--out", str(runs[n]), *TINY, "batch_size=4",
+                  "steps=2", "data.categories=[refine,subject_bg]"]) for n in runs])
     one, two = (load_file(str(runs[n] / "checkpoints/step-2/trainable.safetensors")) for n in (1, 2))
     for k in one:
         torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-6)
