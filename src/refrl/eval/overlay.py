@@ -91,40 +91,34 @@ def write_overlay_report(run_dirs: Sequence[str | os.PathLike], out: str | os.Pa
     labels = run_labels([Path(p) for p in run_dirs])
     runs = {label: _load_run(path) for label, path in labels.items()}
 
-    rows, series, keys = [], {}, {}
-    x_label = "rollouts (images generated)"
     per_iteration = {label: rollouts_per_iteration(run["config"]) for label, run in runs.items()}
-    if any(v is None for label, v in per_iteration.items() if runs[label]["records"]):
-        x_label = "iteration"  # an SFT run or a run without its config: steps are the common unit
+    # an SFT run or a run without its config has no rollout count: steps are then the common unit
+    by_rollouts = all(v is not None for label, v in per_iteration.items() if runs[label]["records"])
+    x_label = "rollouts (images generated)" if by_rollouts else "iteration"
+    rows, series, reward_keys, has_mean = [], {}, set(), False
     for label, run in runs.items():
         cfg, records = run["config"], run["records"]
         names = [r.get("name") for r in cfg.get("rewards") or [] if isinstance(r, dict)]
+        reward_keys.update(k for k in plots.curve_keys(records) if k.startswith(plots.CURVE_PREFIXES))
         points = []
         for i, rec in enumerate(records):
             step = rec.get("step", i + 1)
-            x = step * per_iteration[label] if x_label.startswith("rollouts") else step
             rec = dict(rec)
             mean = trained_reward_mean(rec, names)
             if mean is not None:
                 rec[TRAINED_MEAN_KEY] = mean
-            points.append((x, rec))
-            for k in plots.curve_keys([rec]):
-                if k.startswith(plots.CURVE_PREFIXES):
-                    keys.setdefault(k, None)
-            if mean is not None:
-                keys.setdefault(TRAINED_MEAN_KEY, None)
+                has_mean = True
+            points.append((step * per_iteration[label] if by_rollouts else step, rec))
         if points:
             series[label] = points
-        last = points[-1][0] if points else None
         rows.append([_e(label), _e(describe_run(cfg) if cfg else "no config.yaml"),
                      _fmt(per_iteration[label]), _fmt(len(records)),
-                     _fmt(last if x_label.startswith("rollouts") else None),
+                     _fmt(points[-1][0] if points and by_rollouts else None),
                      _fmt(seconds_per_iteration(records))])
 
     sections = [("runs", "Runs", _table(["run", "what it did", "rollouts / iteration", "iterations logged",
                                           "rollouts", "s / iteration (median)"], rows, left=2))]
-    curve_keys = ([TRAINED_MEAN_KEY] if TRAINED_MEAN_KEY in keys else []) + sorted(
-        k for k in keys if k != TRAINED_MEAN_KEY)
+    curve_keys = ([TRAINED_MEAN_KEY] if has_mean else []) + sorted(reward_keys)
     png = plots.overlay_curves_png(series, curve_keys, x_label, smooth,
                                    title=f"training rewards (moving average over {smooth} iterations)"
                                    if smooth > 1 else "training rewards")

@@ -12,8 +12,6 @@ from collections.abc import Iterable
 
 import torch
 
-SHARDED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-
 
 class Dist:
     """The process layout of a run (accelerate when launched with it, else one process)."""
@@ -22,6 +20,7 @@ class Dist:
         import importlib.util
 
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         from refrl.errors import RefrlError
 
@@ -31,11 +30,11 @@ class Dist:
 
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
                                        project_dir=project_dir)
-        sharded = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
-        if sharded in SHARDED_TYPES:
+        kind = self.accelerator.distributed_type
+        if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
             # Gradients are averaged by hand over full replicas (see above): under a sharding
             # config every process would silently hold and update the whole model.
-            raise RefrlError(f"accelerate config distributed_type={sharded} is not supported: refrl keeps a full "
+            raise RefrlError(f"accelerate config distributed_type={kind.value} is not supported: refrl keeps a full "
                              f"replica per process and averages gradients itself; use MULTI_GPU / MULTI_CPU")
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
