@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from refrl.data.schema import LoadedSample
@@ -40,6 +40,7 @@ from refrl.rewards.zoo.loading import (
     resolve_file,
 )
 from refrl.rewards.zoo.qwen_vl import IMAGE, QwenImagePrep, chat_prompt, encode_conversations
+from refrl.runfolder.files import save_safetensors
 
 HPSV3_FILE = "HPSv3.safetensors"
 HPSV3_BASE = "Qwen/Qwen2-VL-7B-Instruct"
@@ -162,7 +163,7 @@ class Hpsv3Reward(ZooReward):
         folder = Path(folder)
         self.backbone.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
         p = self.prep
         (folder / "preprocessor_config.json").write_text(json.dumps({
             "patch_size": p.patch_size, "merge_size": p.merge_size, "temporal_patch_size": p.temporal_patch_size,

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from refrl.data.schema import LoadedSample
@@ -35,6 +35,7 @@ from refrl.errors import RefrlError
 from refrl.rewards.base import RewardOutput
 from refrl.rewards.zoo.base import SimilarityReward, check_choice, resize_center_crop
 from refrl.rewards.zoo.loading import is_offline
+from refrl.runfolder.files import save_safetensors
 
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # lpips.ScalingLayer
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -123,7 +124,7 @@ class LpipsNet(nn.Module):
 def save_lpips_net(model: LpipsNet, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps({"net": model.net, "kind": "refrl.lpips"}))
 
 

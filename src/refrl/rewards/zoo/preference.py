@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from refrl.data.schema import LoadedSample
@@ -41,6 +41,7 @@ from refrl.rewards.zoo.base import (
 from refrl.rewards.zoo.convert import blip_to_hf, openai_clip_to_hf, strip_prefix
 from refrl.rewards.zoo.loading import load_pretrained, load_tokenizer, resolve_file
 from refrl.rewards.zoo.vision_encoders import PromptReward
+from refrl.runfolder.files import save_safetensors
 
 HPSV2_FILE = "HPS_v2.1_compressed.pt"
 LAION_CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -140,7 +141,7 @@ class ImageRewardModel(nn.Module):
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
+        save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps({"kind": "refrl.image_reward", "vision": self.vision,
                                                         "text": self.text}, indent=2))
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from refrl.errors import RefrlError
 from refrl.rewards.zoo.base import (
@@ -32,6 +32,7 @@ from refrl.rewards.zoo.base import (
 from refrl.rewards.zoo.convert import openai_clip_to_hf, strip_prefix
 from refrl.rewards.zoo.loading import load_pretrained, load_transformers
 from refrl.rewards.zoo.preference import check_missing, load_torch_state
+from refrl.runfolder.files import save_safetensors
 
 CSD_BASE = "openai/clip-vit-large-patch14"  # the architecture (config only) of CSD's backbone
 HEAD_FILE = "csd_head.safetensors"
@@ -88,4 +89,4 @@ class CsdReward(SimilarityReward):
         """Write the backbone (transformers layout) and the style head; reload with checkpoint=folder."""
         folder = Path(folder)
         self.vision.save_pretrained(folder)
-        save_file({STYLE_KEY: self.style_proj.detach().cpu().contiguous()}, folder / HEAD_FILE)
+        save_safetensors({STYLE_KEY: self.style_proj.detach().cpu().contiguous()}, folder / HEAD_FILE)
