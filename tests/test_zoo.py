@@ -180,12 +180,14 @@ def test_save_pretrained_round_trip(tiny, batch, tmp_path, name):
     images, samples = batch
     reward = build(name, device="cpu", **tiny(name))
     reward.save_pretrained(tmp_path / name)
-    # refrl's own files go through its atomic writer: ordinary permissions, not safetensors' 0600
-    # (csd's model.safetensors is transformers' save_pretrained)
+    # refrl's own weights file goes through its atomic writer: ordinary permissions, not
+    # safetensors' 0600 (csd's backbone model.safetensors is transformers' save_pretrained)
+    from refrl.rewards.zoo.perceptual import WEIGHTS_FILE
+    from refrl.rewards.zoo.style import HEAD_FILE
     from refrl.runfolder.files import default_file_mode
 
-    ours = [tmp_path / name / ("model.safetensors" if name == "lpips" else "csd_head.safetensors")]
-    assert ours and all(f.stat().st_mode & 0o777 == default_file_mode() for f in ours), ours
+    ours = tmp_path / name / (WEIGHTS_FILE if name == "lpips" else HEAD_FILE)
+    assert ours.stat().st_mode & 0o777 == default_file_mode(), oct(ours.stat().st_mode)
     extra = {"size": SIZE} if name == "lpips" else {}
     again = build(name, device="cpu", checkpoint=str(tmp_path / name), **extra)
     torch.testing.assert_close(again(images, samples).scores, reward(images, samples).scores, equal_nan=True,

@@ -40,7 +40,7 @@ from refrl.rewards.zoo.loading import (
     resolve_file,
 )
 from refrl.rewards.zoo.qwen_vl import IMAGE, QwenImagePrep, chat_prompt, encode_conversations
-from refrl.runfolder.files import save_safetensors
+from refrl.runfolder.files import atomic_write_text, save_safetensors
 
 HPSV3_FILE = "HPSv3.safetensors"
 HPSV3_BASE = "Qwen/Qwen2-VL-7B-Instruct"
@@ -165,6 +165,6 @@ class Hpsv3Reward(ZooReward):
         self.tokenizer.save_pretrained(folder)
         save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
         p = self.prep
-        (folder / "preprocessor_config.json").write_text(json.dumps({
+        atomic_write_text(folder / "preprocessor_config.json", json.dumps({
             "patch_size": p.patch_size, "merge_size": p.merge_size, "temporal_patch_size": p.temporal_patch_size,
             "min_pixels": p.min_pixels, "max_pixels": p.max_pixels, "image_mean": list(p.mean), "image_std": list(p.std)}))

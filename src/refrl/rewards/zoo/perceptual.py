@@ -35,7 +35,7 @@ from refrl.errors import RefrlError
 from refrl.rewards.base import RewardOutput
 from refrl.rewards.zoo.base import SimilarityReward, check_choice, resize_center_crop
 from refrl.rewards.zoo.loading import is_offline
-from refrl.runfolder.files import save_safetensors
+from refrl.runfolder.files import atomic_write_text, save_safetensors
 
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # lpips.ScalingLayer
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -125,7 +125,7 @@ def save_lpips_net(model: LpipsNet, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
-    (folder / CONFIG_FILE).write_text(json.dumps({"net": model.net, "kind": "refrl.lpips"}))
+    atomic_write_text(folder / CONFIG_FILE, json.dumps({"net": model.net, "kind": "refrl.lpips"}))
 
 
 def load_lpips_net(net: str, checkpoint: str | None, backbone_weights: str | None, lin_weights: str | None) -> LpipsNet:

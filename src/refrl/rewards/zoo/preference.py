@@ -41,7 +41,7 @@ from refrl.rewards.zoo.base import (
 from refrl.rewards.zoo.convert import blip_to_hf, openai_clip_to_hf, strip_prefix
 from refrl.rewards.zoo.loading import load_pretrained, load_tokenizer, resolve_file
 from refrl.rewards.zoo.vision_encoders import PromptReward
-from refrl.runfolder.files import save_safetensors
+from refrl.runfolder.files import atomic_write_text, save_safetensors
 
 HPSV2_FILE = "HPS_v2.1_compressed.pt"
 LAION_CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -142,8 +142,8 @@ class ImageRewardModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps({"kind": "refrl.image_reward", "vision": self.vision,
-                                                        "text": self.text}, indent=2))
+        atomic_write_text(folder / "config.json", json.dumps({"kind": "refrl.image_reward", "vision": self.vision,
+                                                              "text": self.text}, indent=2))
 
 
 class ImageRewardReward(ZooReward):
