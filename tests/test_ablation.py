@@ -35,3 +35,28 @@ def test_markdown_table_shows_mean_and_std():
     md = markdown_table(summary)
     assert "| sft | 0.500 |" in md
     assert "| sars | 0.250 ± 0.125 | – |" in md
+
+
+def test_workers_run_jobs_in_processes_and_write_the_summary(tmp_path):
+    """`refrl ablate --workers 2` (the sft row only: two evaluations, no training) through the
+    installed command: the job runs in a spawned worker, its progress goes to the run's
+    ablation.log, and the summary holds what that worker measured."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "abl"
+    res = subprocess.run([sys.executable, "-m", "refrl", "ablate", "--quick", "--variants", "sft", "--workers", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[1/1] sft (seed 0) done" in res.stderr
+    summary = json.loads((out / "ablation.json").read_text())
+    assert summary["workers"] == 2
+    sft = summary["variants"]["sft"]
+    evaluated = json.loads((out / "sft" / "seed0" / "eval" / "eval.json").read_text())["metrics"]["overall"]
+    assert sft["overall/identity"]["mean"] == evaluated["identity"]["mean"]
+    assert sft["overall/identity"]["n_seeds"] == 1
+    assert any(k.startswith("refine_suite/") for k in sft)  # the refine suite ran in the worker too
+    assert "eval refworld" in (out / "sft" / "seed0" / "ablation.log").read_text()

@@ -31,12 +31,15 @@ from refrl.runfolder.layout import CHECKPOINTS_DIR, latest_checkpoint
 from refrl.runfolder.lock import lock_run_folder
 from refrl.train.grpo_config import GRPOConfig
 
+# The signal recipe of configs/tiny-cpu-grpo.yaml (one trained SDE step among the first
+# three, one starting noise per group, lr 1e-4); each variant sets its rewards and shaping.
 BASE: dict[str, Any] = {
     "clip_range": 1.0e-3,
     "model": {"init": "tiny-sft"},
     "data": {"source": "refworld", "split": "train", "curriculum": [[0.0, 2]]},
-    "optim": {"lr": 2.0e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1.0e-4},
-    "sampling": {"steps": 10, "sde_steps": "window", "window": 3},
+    "optim": {"lr": 1.0e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1.0e-4},
+    "sampling": {"steps": 10, "sde_kind": "flow-sde", "noise_level": 0.7, "sde_steps": "random_one", "first_m": 3,
+                 "same_noise_in_group": True},
 }
 ID_LAYOUT = [{"name": "identity", "weight": 1.0}, {"name": "layout", "weight": 1.0}]
 DYREF = [{"name": "fidelity", "weight": 1.0}, {"name": "identity", "weight": 1.0}, {"name": "layout", "weight": 1.0}]
@@ -59,7 +62,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 }
 BUDGETS = {
     # iterations x groups x group size, and test samples per eval (equal for every variant)
-    "default": {"iterations": 12, "groups_per_iteration": 6, "group_size": 8, "minibatch_size": 24, "eval_n": 96},
+    # default: 27 GRPO runs + 34 evaluations in about an hour on 2 cores with --workers 2
+    "default": {"iterations": 20, "groups_per_iteration": 8, "group_size": 8, "minibatch_size": 32, "eval_n": 96},
     "quick": {"iterations": 4, "groups_per_iteration": 4, "group_size": 8, "minibatch_size": 32, "eval_n": 48},
 }
 
@@ -104,8 +108,14 @@ def _collect(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False, seeds: int = 3,
-                 variants: list[str] | None = None, ckpt: str = "tiny-sft", eval_seed: int = 1234) -> Path:
-    """Train and evaluate every variant under ``out`` (holding its lock); returns ablation.json."""
+                 variants: list[str] | None = None, ckpt: str = "tiny-sft", eval_seed: int = 1234,
+                 workers: int = 1) -> Path:
+    """Train and evaluate every variant under ``out`` (holding its lock); returns ablation.json.
+
+    ``workers > 1`` runs that many (variant, seed) jobs at once in separate processes, each
+    with its share of the CPU threads; every job is seeded on its own, so the results do
+    not depend on the order jobs finish in.
+    """
     if preset != "refworld":
         raise RefrlError(f"unknown ablation preset {preset!r}; allowed: refworld")
     names = variants or list(VARIANTS)
@@ -114,41 +124,84 @@ def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False,
         raise RefrlError(f"unknown ablation variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
     if seeds < 1:
         raise RefrlError(f"seeds must be >= 1, got {seeds}")
+    if workers < 1:
+        raise RefrlError(f"workers must be >= 1, got {workers}")
     with lock_run_folder(out):
-        return _run_ablation(Path(out), preset, quick, seeds, names, ckpt, eval_seed)
+        return _run_ablation(Path(out), preset, quick, seeds, names, ckpt, eval_seed, workers)
 
 
-def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[str], ckpt: str, eval_seed: int) -> Path:
+def run_ablation_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, eval_seed: int,
+                     run_dir: Path) -> dict[str, float]:
+    """Train one variant with one seed (resuming what is there), evaluate it; its flat metrics."""
     from refrl.eval.config import eval_command
     from refrl.train.grpo import train_grpo
 
+    policy_ckpt = ckpt
+    if VARIANTS[name] is not None:
+        cfg = variant_config(name, seed, budget, ckpt)
+        train_grpo(cfg, run_dir, resume=latest_checkpoint(run_dir / CHECKPOINTS_DIR) is not None)
+        policy_ckpt = str(run_dir)
+    ev = eval_command(policy_ckpt, "refworld", run_dir / "eval", n=budget["eval_n"], seed=eval_seed)
+    flat = _collect(ev["metrics"])
+    if name == "sft" or name.startswith("refine"):
+        # OmniRefiner's claim is about masked detail: the refine suite adds PSNR inside the mask
+        ev_refine = eval_command(policy_ckpt, "refine", run_dir / "eval_refine", n=budget["eval_n"], seed=eval_seed)
+        flat.update({k.replace("overall/", "refine_suite/"): v for k, v in _collect(ev_refine["metrics"]).items()
+                     if k.startswith("overall/")})
+    return flat
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _logged_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, eval_seed: int,
+                run_dir: Path) -> dict[str, float]:
+    """`run_ablation_job` in a worker process, its progress bars in ``run_dir/ablation.log``
+    (interleaved bars of several processes on one terminal are unreadable)."""
+    import contextlib
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "ablation.log", "a") as log, contextlib.redirect_stderr(log):
+        return run_ablation_job(name, seed, budget, ckpt, eval_seed, run_dir)
+
+
+def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[str], ckpt: str, eval_seed: int,
+                  workers: int = 1) -> Path:
     budget = BUDGETS["quick" if quick else "default"]
     console = Console(stderr=True)
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    jobs = [(name, seed) for name in names for seed in range(seeds if VARIANTS[name] is not None else 1)]
+    flat: dict[tuple[str, int], dict[str, float]] = {}
     t0 = time.perf_counter()
-    for name in names:
-        per_seed = []
-        for seed in range(seeds if VARIANTS[name] is not None else 1):
+    if workers == 1:
+        for name, seed in jobs:
             console.rule(f"[bold]{name} (seed {seed})")
-            run_dir = out / name / f"seed{seed}"
-            policy_ckpt = ckpt
-            if VARIANTS[name] is not None:
-                cfg = variant_config(name, seed, budget, ckpt)
-                train_grpo(cfg, run_dir, resume=latest_checkpoint(run_dir / CHECKPOINTS_DIR) is not None)
-                policy_ckpt = str(run_dir)
-            ev = eval_command(policy_ckpt, "refworld", run_dir / "eval", n=budget["eval_n"], seed=eval_seed)
-            flat = _collect(ev["metrics"])
-            if name == "sft" or name.startswith("refine"):
-                # OmniRefiner's claim is about masked detail: the refine suite adds PSNR inside the mask
-                ev_refine = eval_command(policy_ckpt, "refine", run_dir / "eval_refine", n=budget["eval_n"],
-                                         seed=eval_seed)
-                flat.update({k.replace("overall/", "refine_suite/"): v for k, v in _collect(ev_refine["metrics"]).items()
-                             if k.startswith("overall/")})
-            per_seed.append(flat)
+            flat[name, seed] = run_ablation_job(name, seed, budget, ckpt, eval_seed, out / name / f"seed{seed}")
+    else:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        console.print(f"ablation: {len(jobs)} runs, {workers} at a time ({threads} thread(s) each); "
+                      f"progress of each in {out}/VARIANT/seedN/ablation.log")
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(_logged_job, name, seed, budget, ckpt, eval_seed, out / name / f"seed{seed}"):
+                       (name, seed) for name, seed in jobs}
+            for i, future in enumerate(as_completed(futures), 1):
+                name, seed = futures[future]
+                flat[name, seed] = future.result()
+                console.print(f"[{i}/{len(jobs)}] {name} (seed {seed}) done, {time.perf_counter() - t0:.0f} s")
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for name in names:
+        per_seed = [flat[n, s] for n, s in jobs if n == name]
         keys = sorted({k for d in per_seed for k in d})
         results[name] = {k: _mean_std([d.get(k, float("nan")) for d in per_seed]) for k in keys}
     summary = {"preset": preset, "quick": quick, "seeds": seeds, "budget": budget, "ckpt": ckpt,
-               "eval_seed": eval_seed, "seconds": time.perf_counter() - t0, "variants": results}
+               "eval_seed": eval_seed, "workers": workers, "seconds": time.perf_counter() - t0, "variants": results}
     atomic_write_text(out / "ablation.json", json.dumps(summary, indent=2, allow_nan=True))
     atomic_write_text(out / "ablation.md", markdown_table(summary))
     console.print(f"ablation: {out / 'ablation.md'} ({summary['seconds']:.0f} s)")

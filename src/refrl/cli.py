@@ -326,13 +326,16 @@ def ablate(
     seeds: Annotated[int | None, typer.Option(help="Seeds per GRPO variant (default 3; 1 with --quick).", min=1)] = None,
     variants: Annotated[str | None, typer.Option(help="Comma-separated subset of variants.")] = None,
     ckpt: Annotated[str, typer.Option(help="SFT checkpoint every variant starts from.")] = "tiny-sft",
+    workers: Annotated[int, typer.Option(help="Runs at once, in separate processes sharing the CPU cores "
+                                         "(on a CPU machine, its core count is fastest).", min=1)] = 1,
 ) -> None:
     """Equal-budget ablation of the shaping methods (SARS/TDW, DRS/DAR, patch reward) on RefWorld."""
     from refrl.ablation import run_ablation
 
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     n_seeds = seeds if seeds is not None else (1 if quick else 3)
-    path = run_ablation(out, preset=preset, quick=quick, seeds=n_seeds, variants=names, ckpt=ckpt)
+    path = run_ablation(out, preset=preset, quick=quick, seeds=n_seeds, variants=names, ckpt=ckpt,
+                        workers=workers)
     typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
 
 
