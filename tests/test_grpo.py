@@ -81,7 +81,7 @@ def test_exact_resume(tmp_path, tiny_policy_dir):
 def test_missing_rewards_are_filled_and_counted(tmp_path, tiny_policy_dir):
     # `style` is NaN for samples without a style reference: the mean rule fills it and counts it.
     cfg = grpo_cfg(tiny_policy_dir, "iterations=1", "advantage.kind=weighted")
-    assert "style" in [r.name for r in cfg.rewards]  # the preset trains it (DyRef's weight 0.8)
+    assert "style" in [r.name for r in cfg.rewards]  # the preset trains it (DyRef's reward)
     train_grpo(cfg, tmp_path / "run")
     (rec,) = metrics(tmp_path / "run")
     assert rec["nan/style"] > 0

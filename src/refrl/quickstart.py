@@ -22,7 +22,7 @@ from refrl.runfolder.lock import lock_run_folder
 from refrl.train.grpo_config import GRPOConfig
 
 # The recipe of configs/tiny-cpu-grpo.yaml (one trained step among the first three, one
-# starting noise per group, lr 1e-4, the style reward), 100 iterations, with both papers'
+# starting noise per group, lr 1e-4, the style reward at 1.6), 100 iterations, with both papers'
 # shaping on top; every value is an ordinary GRPO config key.
 QUICKSTART_GRPO: dict[str, Any] = {
     "iterations": 100,
@@ -40,7 +40,7 @@ QUICKSTART_GRPO: dict[str, Any] = {
         {"name": "identity", "weight": 1.0},
         {"name": "layout", "weight": 1.0},
         {"name": "fidelity", "weight": 1.0},
-        {"name": "style", "weight": 0.8},
+        {"name": "style", "weight": 1.6},
     ],
     "advantage": {
         "kind": "sars", "prompt_reward": "layout", "identity_reward": "identity", "tdw": True,
