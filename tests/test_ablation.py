@@ -19,6 +19,9 @@ def test_variants_switch_exactly_their_method():
     adv = {n: variant_config(n, 0, BUDGETS["quick"], "c").advantage for n in VARIANTS if VARIANTS[n]}
     assert adv["naive"].kind == "weighted" and adv["gdpo"].kind == "gdpo"
     assert adv["sars"].kind == "sars" and not adv["sars"].tdw and adv["sars_tdw"].tdw
+    assert adv["dyref_gdpo"].kind == "gdpo" and adv["dyref_gdpo"].drs is None and adv["dyref_gdpo"].dar is None
+    rewards = {n: [r.name for r in variant_config(n, 0, BUDGETS["quick"], "c").rewards] for n in ("dyref_gdpo", "drs")}
+    assert rewards["dyref_gdpo"] == rewards["drs"]  # the baseline differs from DRS only by DRS
     assert adv["drs"].drs is not None and adv["drs"].dar is None
     assert adv["dar"].dar is not None and adv["dar"].drs is None
     assert adv["dar_drs"].dar is not None and adv["dar_drs"].drs is not None

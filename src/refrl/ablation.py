@@ -5,7 +5,8 @@ Variants (all from the same SFT checkpoint, same GRPO budget, same eval):
 * ``sft`` — no RL (the baseline);
 * Customized-GRPO family (identity + layout rewards): ``naive`` (weighted sum 1:1),
   ``gdpo``, ``sars``, ``sars_tdw``;
-* DyRef family (fidelity + identity + layout, GDPO): ``drs``, ``dar``, ``dar_drs``;
+* DyRef family (fidelity + identity + layout, GDPO): ``dyref_gdpo`` (neither method), ``drs``,
+  ``dar``, ``dar_drs``;
 * OmniRefiner (``refine`` category only): ``refine_global`` (whole-image fidelity)
   vs ``refine_patch`` (patch reward).
 
@@ -51,6 +52,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "gdpo": {"rewards": ID_LAYOUT, "advantage": {"kind": "gdpo"}},
     "sars": {"rewards": ID_LAYOUT, "advantage": {"kind": "sars", "tdw": False}},
     "sars_tdw": {"rewards": ID_LAYOUT, "advantage": {"kind": "sars", "tdw": True}},
+    # the DyRef family's baseline: its three rewards, GDPO, no DRS or DAR
+    "dyref_gdpo": {"rewards": DYREF, "advantage": {"kind": "gdpo"}},
     "drs": {"rewards": DYREF, "advantage": {"kind": "gdpo", "drs": {"reward": "fidelity"}}},
     "dar": {"rewards": DYREF, "advantage": {"kind": "gdpo", "dar": {"reward": "fidelity"}}},
     "dar_drs": {"rewards": DYREF, "advantage": {"kind": "gdpo", "drs": {"reward": "fidelity"},
