@@ -63,3 +63,17 @@ def test_workers_run_jobs_in_processes_and_write_the_summary(tmp_path):
     assert sft["overall/identity"]["n_seeds"] == 1
     assert any(k.startswith("refine_suite/") for k in sft)  # the refine suite ran in the worker too
     assert "eval refworld" in (out / "sft" / "seed0" / "ablation.log").read_text()
+
+
+def test_signal_recipe_is_the_grpo_presets():
+    """The quickstart and the ablation start from `SIGNAL_RECIPE`; it must stay what
+    configs/tiny-cpu-grpo.yaml runs, or their numbers stop describing that preset."""
+    from pathlib import Path
+
+    from refrl.config import load_config, validate_config
+    from refrl.train.grpo_config import SIGNAL_RECIPE, GRPOConfig
+
+    preset = load_config(GRPOConfig, Path(__file__).resolve().parents[1] / "configs/tiny-cpu-grpo.yaml", [])
+    recipe = validate_config(GRPOConfig, SIGNAL_RECIPE, source="SIGNAL_RECIPE")
+    for key in SIGNAL_RECIPE:
+        assert getattr(recipe, key) == getattr(preset, key), key

@@ -19,23 +19,18 @@ from rich.table import Table
 from refrl.config import validate_config
 from refrl.runfolder.layout import CHECKPOINTS_DIR, latest_checkpoint
 from refrl.runfolder.lock import lock_run_folder
-from refrl.train.grpo_config import GRPOConfig
+from refrl.train.grpo_config import SIGNAL_RECIPE, GRPOConfig
 
 # The recipe of configs/tiny-cpu-grpo.yaml (one trained step among the first three, one
 # starting noise per group, lr 1e-4, the style reward at 1.6), 100 iterations, with both papers'
 # shaping on top; every value is an ordinary GRPO config key.
 QUICKSTART_GRPO: dict[str, Any] = {
+    **SIGNAL_RECIPE,
     "iterations": 100,
     "groups_per_iteration": 8,
     "group_size": 8,
     "minibatch_size": 32,
-    "clip_range": 1.0e-3,
     "checkpoint_every": 25,
-    "model": {"init": "tiny-sft"},
-    "data": {"source": "refworld", "split": "train", "curriculum": [[0.0, 2]]},
-    "optim": {"lr": 1.0e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1.0e-4},
-    "sampling": {"steps": 10, "sde_kind": "flow-sde", "noise_level": 0.7, "sde_steps": "random_one", "first_m": 3,
-                 "same_noise_in_group": True},
     "rewards": [
         {"name": "identity", "weight": 1.0},
         {"name": "layout", "weight": 1.0},
