@@ -51,14 +51,17 @@ def test_workers_run_jobs_in_processes_and_write_the_summary(tmp_path):
 
     out = tmp_path / "abl"
     res = subprocess.run([sys.executable, "-m", "refrl", "ablate", "--quick", "--variants", "sft", "--workers", "2",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          "--eval-n", "16", "--out", str(out)], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[1/1] sft (seed 0) done" in res.stderr
     summary = json.loads((out / "ablation.json").read_text())
     assert summary["workers"] == 2
+    assert summary["budget"]["eval_n"] == 16  # --eval-n replaces the quick budget's 48
     sft = summary["variants"]["sft"]
-    evaluated = json.loads((out / "sft" / "seed0" / "eval" / "eval.json").read_text())["metrics"]["overall"]
+    evaluation = json.loads((out / "sft" / "seed0" / "eval" / "eval.json").read_text())
+    assert evaluation["n"] == 16
+    evaluated = evaluation["metrics"]["overall"]
     assert sft["overall/identity"]["mean"] == evaluated["identity"]["mean"]
     assert sft["overall/identity"]["n_seeds"] == 1
     assert any(k.startswith("refine_suite/") for k in sft)  # the refine suite ran in the worker too

@@ -169,6 +169,7 @@ CASES = {
     "refworld-max-refs-9": C(["data", "refworld", "--out", "{out}", "--max-refs", "9"], "'--max-refs'"),
     "ablate-seeds-0": C(["ablate", "--seeds", "0", "--out", "{out}"], "'--seeds'"),
     "ablate-workers-0": C(["ablate", "--workers", "0", "--out", "{out}"], "'--workers'"),
+    "ablate-eval-n-0": C(["ablate", "--eval-n", "0", "--out", "{out}"], "'--eval-n'"),
     "eval-out-is-file": C(["eval", "--ckpt", "tiny-sft", "--suite", "refworld", "--out", "{file}"], "is a file"),
     "sft-out-is-file": C(["sft", "-c", SFT_CFG, "--out", "{file}"], "is a file"),
     "generate-out-under-file": C(["generate", "--ckpt", "tiny-sft", "--manifest", "{data}/good.jsonl", "--out",

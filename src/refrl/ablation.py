@@ -103,8 +103,11 @@ def _collect(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False, seeds: int = 3,
                  variants: list[str] | None = None, ckpt: str = "tiny-sft", eval_seed: int = 1234,
-                 workers: int = 1) -> Path:
+                 workers: int = 1, eval_n: int | None = None) -> Path:
     """Train and evaluate every variant under ``out`` (holding its lock); returns ablation.json.
+
+    ``eval_n`` replaces the budget's test samples per evaluation; as training resumes from
+    what a run folder holds, re-running with another ``eval_n`` only re-evaluates.
 
     ``workers > 1`` runs that many (variant, seed) jobs at once in separate processes, each
     with its share of the CPU threads; every job is seeded on its own, so the results do
@@ -120,8 +123,13 @@ def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False,
         raise RefrlError(f"seeds must be >= 1, got {seeds}")
     if workers < 1:
         raise RefrlError(f"workers must be >= 1, got {workers}")
+    if eval_n is not None and eval_n < 1:
+        raise RefrlError(f"eval_n must be >= 1, got {eval_n}")
+    budget = dict(BUDGETS["quick" if quick else "default"])
+    if eval_n is not None:
+        budget["eval_n"] = eval_n
     with lock_run_folder(out):
-        return _run_ablation(Path(out), preset, quick, seeds, names, ckpt, eval_seed, workers)
+        return _run_ablation(Path(out), preset, quick, seeds, names, ckpt, eval_seed, workers, budget)
 
 
 def run_ablation_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, eval_seed: int,
@@ -163,8 +171,7 @@ def _logged_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, eval_se
 
 
 def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[str], ckpt: str, eval_seed: int,
-                  workers: int = 1) -> Path:
-    budget = BUDGETS["quick" if quick else "default"]
+                  workers: int, budget: dict[str, Any]) -> Path:
     console = Console(stderr=True)
     jobs = [(name, seed) for name in names for seed in range(seeds if VARIANTS[name] is not None else 1)]
     flat: dict[tuple[str, int], dict[str, float]] = {}

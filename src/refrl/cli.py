@@ -328,6 +328,8 @@ def ablate(
     ckpt: Annotated[str, typer.Option(help="SFT checkpoint every variant starts from.")] = "tiny-sft",
     workers: Annotated[int, typer.Option(help="Runs at once, in separate processes sharing the CPU cores "
                                          "(on a CPU machine, its core count is fastest).", min=1)] = 1,
+    eval_n: Annotated[int | None, typer.Option(help="Test samples per evaluation (default 96; 48 with --quick). "
+                                               "Runs already trained are only re-evaluated.", min=1)] = None,
 ) -> None:
     """Equal-budget ablation of the shaping methods (SARS/TDW, DRS/DAR, patch reward) on RefWorld."""
     from refrl.ablation import run_ablation
@@ -335,7 +337,7 @@ def ablate(
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     n_seeds = seeds if seeds is not None else (1 if quick else 3)
     path = run_ablation(out, preset=preset, quick=quick, seeds=n_seeds, variants=names, ckpt=ckpt,
-                        workers=workers)
+                        workers=workers, eval_n=eval_n)
     typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
 
 
