@@ -70,7 +70,7 @@ def grpo_section(args: argparse.Namespace) -> dict[str, Any]:
 
     overrides = ["iterations=2", "checkpoint_every=100"]
     if args.mode == "quick":
-        overrides += ["groups_per_iteration=2", "minibatch_size=16"]
+        overrides += ["groups_per_iteration=2", "minibatch_size=16", "gradient_accumulation=1"]
     cfg = load_config(GRPOConfig, REPO / "configs/tiny-cpu-grpo.yaml", overrides)
     with tempfile.TemporaryDirectory() as tmp:
         train_grpo(cfg, tmp)

@@ -20,6 +20,7 @@ from refrl.train.grpo_config import GRPOConfig
 def grpo_cfg(policy_dir: Path, *extra: str) -> GRPOConfig:
     base = [
         f"model.init={policy_dir}", "iterations=3", "groups_per_iteration=2", "group_size=4", "minibatch_size=4",
+        "gradient_accumulation=1",
         "sampling.steps=4", "sampling.sde_steps=all", "checkpoint_every=1", "keep_last=5", "clip_range=0.2",
         "optim.lr=1e-3", "data.max_refs=3", "save_rollouts=true",
     ]
@@ -51,7 +52,7 @@ def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, brightness_rewar
     # The sign of the loss, the advantage and the log-prob gradient all have to be right
     # for the reward to go up; a negative weight must push it down instead.
     cfg = grpo_cfg(
-        tiny_policy_dir, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "optim.lr=1e-2",
+        tiny_policy_dir, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "gradient_accumulation=1", "optim.lr=1e-2",
         f"rewards=[{{name: brightness, weight: {sign}}}]", "advantage.kind=weighted", "checkpoint_every=8",
         "data.max_refs=1",
     )
@@ -99,7 +100,7 @@ def test_missing_rewards_are_filled_and_counted(tmp_path, tiny_policy_dir):
 def test_two_processes_match_one(tmp_path, tiny_policy_dir, launch, command, extra, iterations):
     """Same global batch and seed: 2 gloo processes give the same advantages and update as 1 (every objective)."""
     overrides = [
-        f"model.init={tiny_policy_dir}", f"iterations={iterations}", "groups_per_iteration=2", "group_size=4",
+        f"model.init={tiny_policy_dir}", f"iterations={iterations}", "groups_per_iteration=2", "group_size=4", "gradient_accumulation=1",
         "minibatch_size=4", "sampling.steps=4", "clip_range=0.2", "optim.lr=1e-3", "data.max_refs=3",
         "save_rollouts=true", *extra,
     ]

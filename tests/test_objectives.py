@@ -33,6 +33,7 @@ from refrl.train.objectives.nft import (
 def rl_cfg(policy_dir: Path, objective: str, *extra: str) -> GRPOConfig:
     base = [
         f"model.init={policy_dir}", f"objective={objective}", "iterations=3", "groups_per_iteration=2", "group_size=4",
+        "gradient_accumulation=1",
         "minibatch_size=4", "sampling.steps=4", "sampling.sde_steps=none", "sampling.same_noise_in_group=false",
         "sampling.cfg_scale=2.0", "matching.k=2",
         "checkpoint_every=1", "keep_last=5", "clip_range=0.2", "optim.lr=1e-3", "data.max_refs=3", "save_rollouts=true",
@@ -229,7 +230,7 @@ def test_on_policy_guard_stops_a_mismatched_run(tmp_path, tiny_policy_dir, monke
 def test_objectives_climb_a_simple_reward(tmp_path, tiny_policy_dir, brightness_reward, objective, sign):
     # as test_grpo_climbs_a_simple_reward, with ODE rollouts and no log-prob anywhere
     cfg = rl_cfg(
-        tiny_policy_dir, objective, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "optim.lr=1e-2",
+        tiny_policy_dir, objective, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "gradient_accumulation=1", "optim.lr=1e-2",
         f"rewards=[{{name: {brightness_reward}, weight: {sign}}}]", "advantage.kind=weighted", "checkpoint_every=8",
         "data.max_refs=1", "sampling.cfg_scale=1.0", "matching.k=4", "save_rollouts=false",
     )

@@ -339,6 +339,7 @@ def test_grpo_runs_one_iteration_with_zoo_rewards(tiny, tmp_path):
     TinyDiTPolicy(tok, TinyDiTConfig(vocab_size=tok.vocab_size, width=32, depth=1, heads=2, prediction="v")).save_pretrained(policy_dir)
     cfg = load_config(GRPOConfig, "configs/tiny-cpu-grpo.yaml", [
         f"model.init={policy_dir}", "iterations=1", "groups_per_iteration=2", "group_size=2", "minibatch_size=4",
+        "gradient_accumulation=1",
         "sampling.steps=3", "data.max_refs=2", "checkpoint_every=1",
     ])
     cfg.rewards = [

@@ -328,7 +328,7 @@ def ablate(
     ckpt: Annotated[str, typer.Option(help="SFT checkpoint every variant starts from.")] = "tiny-sft",
     workers: Annotated[int, typer.Option(help="Runs at once, in separate processes sharing the CPU cores "
                                          "(on a CPU machine, its core count is fastest).", min=1)] = 1,
-    eval_n: Annotated[int | None, typer.Option(help="Test samples per evaluation (default 96; 48 with --quick). "
+    eval_n: Annotated[int | None, typer.Option(help="Test samples per evaluation (default 192; 48 with --quick). "
                                                "Runs already trained are only re-evaluated.", min=1)] = None,
 ) -> None:
     """Equal-budget ablation of the shaping methods (SARS/TDW, DRS/DAR, patch reward) on RefWorld."""
