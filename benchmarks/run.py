@@ -260,17 +260,24 @@ def _int_override(text: str) -> tuple[str, int]:
     return key.strip(), int(value)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    # list options extend, so `--set A --set B` keeps both (plain nargs="+" kept only the last)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repeats")
-    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
+    parser.add_argument("--only", action="extend", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
     parser.add_argument(
-        "--tiny-dit", nargs="+", default=[], metavar="KEY=INT", help="TinyDiTConfig overrides for design studies, e.g. ref_patch=4"
+        "--tiny-dit", action="extend", nargs="+", default=[], metavar="KEY=INT",
+        help="TinyDiTConfig overrides for design studies, e.g. ref_patch=4",
     )
     parser.add_argument("--config", help="grpo_signal: GRPO config YAML (default configs/tiny-cpu-grpo.yaml)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="grpo_signal: config overrides")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="grpo_signal: config overrides")
     parser.add_argument("--signal-iterations", type=int, default=3, help="grpo_signal: iterations to average over")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.tiny_dit = dict(_int_override(kv) for kv in args.tiny_dit)
     args.mode = "quick" if args.quick else "full"
     results: dict[str, Any] = {"mode": args.mode}

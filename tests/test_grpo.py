@@ -256,3 +256,18 @@ def test_signal_check_pure_parts_and_a_run(tmp_path, tiny_policy_dir):
     assert -1.0 <= out["gradient_cosine"] <= 1.0 and out["gradient_cosine"] != 0.0
     assert set(out["trained_step_variance_share"]) == {"identity", "layout", "fidelity", "style"}
     assert not (tmp_path / "run" / "checkpoints").exists()  # a check trains nothing
+
+
+def test_signal_benchmark_keeps_every_set_override():
+    """`benchmarks/run.py --set A --set B` passes both overrides (it once kept only the last one,
+    so a measurement of `groups_per_iteration=8` silently ran the preset's 16)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.build_parser().parse_args(["--only", "grpo_signal", "--set", "groups_per_iteration=8",
+                                            "--set", "gradient_accumulation=1", "sampling.steps=4"])
+    assert args.set == ["groups_per_iteration=8", "gradient_accumulation=1", "sampling.steps=4"]
+    assert args.only == ["grpo_signal"]
+    assert bench.build_parser().parse_args([]).set == []
