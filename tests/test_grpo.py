@@ -52,7 +52,7 @@ def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, brightness_rewar
     # The sign of the loss, the advantage and the log-prob gradient all have to be right
     # for the reward to go up; a negative weight must push it down instead.
     cfg = grpo_cfg(
-        tiny_policy_dir, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "gradient_accumulation=1", "optim.lr=1e-2",
+        tiny_policy_dir, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "optim.lr=1e-2",
         f"rewards=[{{name: brightness, weight: {sign}}}]", "advantage.kind=weighted", "checkpoint_every=8",
         "data.max_refs=1",
     )

@@ -230,7 +230,7 @@ def test_on_policy_guard_stops_a_mismatched_run(tmp_path, tiny_policy_dir, monke
 def test_objectives_climb_a_simple_reward(tmp_path, tiny_policy_dir, brightness_reward, objective, sign):
     # as test_grpo_climbs_a_simple_reward, with ODE rollouts and no log-prob anywhere
     cfg = rl_cfg(
-        tiny_policy_dir, objective, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "gradient_accumulation=1", "optim.lr=1e-2",
+        tiny_policy_dir, objective, "iterations=8", "groups_per_iteration=4", "minibatch_size=16", "optim.lr=1e-2",
         f"rewards=[{{name: {brightness_reward}, weight: {sign}}}]", "advantage.kind=weighted", "checkpoint_every=8",
         "data.max_refs=1", "sampling.cfg_scale=1.0", "matching.k=4", "save_rollouts=false",
     )

@@ -32,7 +32,6 @@ from refrl.runfolder.layout import CHECKPOINTS_DIR, latest_checkpoint
 from refrl.runfolder.lock import lock_run_folder
 from refrl.train.grpo_config import SIGNAL_RECIPE, GRPOConfig
 
-BASE: dict[str, Any] = SIGNAL_RECIPE  # each variant sets its rewards and shaping on top
 ID_LAYOUT = [{"name": "identity", "weight": 1.0}, {"name": "layout", "weight": 1.0}]
 DYREF = [{"name": "fidelity", "weight": 1.0}, {"name": "identity", "weight": 1.0}, {"name": "layout", "weight": 1.0}]
 REFINE_DATA = {"data": {"categories": ["refine"]}}
@@ -67,7 +66,7 @@ def variant_config(name: str, seed: int, budget: dict[str, Any], ckpt: str) -> G
     spec = VARIANTS[name]
     if spec is None:
         raise RefrlError(f"variant {name!r} has no GRPO stage")
-    data = json.loads(json.dumps(BASE))
+    data = json.loads(json.dumps(SIGNAL_RECIPE))  # a deep copy; each variant sets its rewards and shaping on top
     data.update({k: v for k, v in budget.items() if k != "eval_n"})
     data["seed"] = seed
     data["model"] = {"init": ckpt}
