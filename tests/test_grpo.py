@@ -47,6 +47,22 @@ def test_on_policy_ratio_is_one_and_training_changes_weights(tmp_path, tiny_poli
     assert any(changed)
 
 
+def test_frozen_modules_keep_their_initial_weights(tmp_path, tiny_policy_dir):
+    run = tmp_path / "run"
+    train_grpo(grpo_cfg(tiny_policy_dir, "iterations=2", "model.frozen=[head, blocks.0.mlp]"), run)
+    before = TinyDiTPolicy.from_pretrained(tiny_policy_dir).net.state_dict()
+    ckpt = latest_checkpoint(run / "checkpoints")
+    after = load_file(str(ckpt / "policy" / "model.safetensors"))
+    frozen = [k for k in before if k.startswith(("head.", "blocks.0.mlp."))]
+    assert sorted(frozen) == ["blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias",
+                              "blocks.0.mlp.fc2.weight", "head.bias", "head.weight"]
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["blocks.0.qkv.weight"], after["blocks.0.qkv.weight"])
+    # the optimizer and the raw checkpoint weights hold only what trains
+    assert len(load_file(str(ckpt / "trainable.safetensors"))) == len(before) - len(frozen)
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, brightness_reward, sign):
     # The sign of the loss, the advantage and the log-prob gradient all have to be right

@@ -29,6 +29,19 @@ class ModelOptions(StrictModel):
     lora_rank: int = Field(0, ge=0, description="0 = full fine-tune; >0 = LoRA of this rank (peft)")
     lora_alpha: float | None = Field(None, description="default: equal to the rank")
     lora_targets: list[str] | None = Field(None, description="LoRA target module suffixes (None: the kind's default)")
+    frozen: list[str] = Field(
+        default_factory=list,
+        description="full fine-tune: modules (parameter-name prefixes, e.g. head) whose weights keep their initial values",
+    )
+
+    @model_validator(mode="after")
+    def _frozen_needs_full_finetune(self) -> ModelOptions:
+        if self.frozen and self.lora_rank > 0:
+            raise ConfigError(
+                f"config key 'model.frozen': {self.frozen} applies to a full fine-tune; with model.lora_rank="
+                f"{self.lora_rank} only the LoRA weights train already (allowed: model.frozen=[] or model.lora_rank=0)"
+            )
+        return self
 
     # Keys a saved policy fixes (its architecture): taken from ``init`` when it is given.
     init_fields: ClassVar[tuple[str, ...]] = ()

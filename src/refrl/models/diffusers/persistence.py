@@ -44,6 +44,9 @@ def build_diffusers_policy(cfg: Any) -> DiffusersPolicy:
         policy.enable_lora(cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets)
     else:
         policy.enable_full_finetune()
+        from refrl.models.build import freeze_modules
+
+        freeze_modules(policy.transformer, cfg.frozen)
     return policy
 
 
