@@ -15,6 +15,7 @@ from refrl.models.diffusers.saving import (
     MERGED_WEIGHTS_NAME,
     TRANSFORMER_DIR,
 )
+from refrl.models.freeze import freeze_modules
 from refrl.runfolder.layout import resolve_checkpoint
 
 
@@ -44,8 +45,6 @@ def build_diffusers_policy(cfg: Any) -> DiffusersPolicy:
         policy.enable_lora(cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets)
     else:
         policy.enable_full_finetune()
-        from refrl.models.build import freeze_modules
-
         freeze_modules(policy.transformer, cfg.frozen)
     return policy
 
