@@ -117,6 +117,15 @@ def test_config_errors_name_the_key_and_allowed_values(folder):
         build_policy(tiny.tiny_model_config(KIND, "./no/such/folder"))
 
 
+def test_frozen_modules_of_a_full_finetune_stop_training(folder):
+    policy = build_policy(tiny.tiny_model_config(KIND, folder, frozen=["proj_out"]))
+    grads = {name: p.requires_grad for name, p in policy.transformer.named_parameters()}
+    assert [n for n, g in grads.items() if not g] == ["proj_out.weight", "proj_out.bias"]
+    assert sum(1 for _ in policy.trainable_parameters()) == len(grads) - 2
+    with pytest.raises(RefrlError, match=r"config key 'model.frozen': 'proj_outt' names no module .*proj_out"):
+        build_policy(tiny.tiny_model_config(KIND, folder, frozen=["proj_outt"]))
+
+
 def test_init_from_a_saved_adapter_merges_it_into_the_reference(folder, tmp_path):
     first = build_policy(tiny.tiny_model_config(KIND, folder, lora_rank=2))
     with torch.no_grad():  # a trained-looking adapter
