@@ -26,7 +26,7 @@ def patch_grid_share(images: torch.Tensor, period: int = 4) -> torch.Tensor:
     An image tiled from one ``period`` x ``period`` patch scores 1, white noise about
     (period^2 - 1) / (N^2 - 1), a constant image 0. ``images``: (B, C, H, W).
     """
-    b, _, h, w = images.shape
+    h, w = images.shape[-2:]
     if h % period or w % period:
         raise ValueError(f"image size {h}x{w} is not a multiple of the period {period}")
     power = torch.fft.fft2(images.double()).abs().pow(2).sum(1)  # (B, H, W)
