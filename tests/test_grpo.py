@@ -20,7 +20,7 @@ from refrl.train.grpo_config import GRPOConfig
 def grpo_cfg(policy_dir: Path, *extra: str) -> GRPOConfig:
     base = [
         f"model.init={policy_dir}", "iterations=3", "groups_per_iteration=2", "group_size=4", "minibatch_size=4",
-        "gradient_accumulation=1",
+        "gradient_accumulation=1", "model.frozen=[]",
         "sampling.steps=4", "sampling.sde_steps=all", "checkpoint_every=1", "keep_last=5", "clip_range=0.2",
         "optim.lr=1e-3", "data.max_refs=3", "save_rollouts=true",
     ]

@@ -33,7 +33,7 @@ from refrl.train.objectives.nft import (
 def rl_cfg(policy_dir: Path, objective: str, *extra: str) -> GRPOConfig:
     base = [
         f"model.init={policy_dir}", f"objective={objective}", "iterations=3", "groups_per_iteration=2", "group_size=4",
-        "gradient_accumulation=1",
+        "gradient_accumulation=1", "model.frozen=[]",
         "minibatch_size=4", "sampling.steps=4", "sampling.sde_steps=none", "sampling.same_noise_in_group=false",
         "sampling.cfg_scale=2.0", "matching.k=2",
         "checkpoint_every=1", "keep_last=5", "clip_range=0.2", "optim.lr=1e-3", "data.max_refs=3", "save_rollouts=true",

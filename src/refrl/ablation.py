@@ -69,6 +69,8 @@ def variant_config(name: str, seed: int, budget: dict[str, Any], ckpt: str) -> G
     data = json.loads(json.dumps(SIGNAL_RECIPE))  # a deep copy; each variant sets its rewards and shaping on top
     data.update({k: v for k, v in budget.items() if k != "eval_n"})
     data["seed"] = seed
+    # the recipe's model section is replaced, not merged: `ckpt` may be any kind of policy, and the
+    # README's ablation numbers were measured with every module training (no model.frozen)
     data["model"] = {"init": ckpt}
     for key, value in spec.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

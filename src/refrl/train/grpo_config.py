@@ -21,11 +21,12 @@ from refrl.train.optim import OptimConfig
 
 # The signal recipe of configs/tiny-cpu-grpo.yaml (docs/methods.md, "A gradient that is
 # signal, not noise"): one trained SDE step among the first three, one starting noise per
-# group, lr 1e-4, from tiny-sft on level-2 training data. The quickstart and every ablation
-# variant start from it and add their own budget, rewards and shaping.
+# group, lr 1e-4, from tiny-sft on level-2 training data, its output head frozen ("The dot
+# grid"). The quickstart and every ablation variant start from it and add their own budget,
+# rewards and shaping.
 SIGNAL_RECIPE: dict[str, Any] = {
     "clip_range": 1.0e-3,
-    "model": {"init": "tiny-sft"},
+    "model": {"init": "tiny-sft", "frozen": ["head"]},
     "data": {"source": "refworld", "split": "train", "curriculum": [[0.0, 2]]},
     "optim": {"lr": 1.0e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1.0e-4},
     "sampling": {"steps": 10, "sde_kind": "flow-sde", "noise_level": 0.7, "sde_steps": "random_one", "first_m": 3,
