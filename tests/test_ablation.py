@@ -15,6 +15,12 @@ def test_every_variant_is_a_valid_config_with_the_same_budget(name):
         assert getattr(cfg, key) == BUDGETS["quick"][key]
 
 
+def test_variants_freeze_the_recipes_modules_unless_told():
+    assert variant_config("gdpo", 0, BUDGETS["quick"], "c").model.frozen == ["head"]
+    assert variant_config("gdpo", 0, BUDGETS["quick"], "c", frozen=[]).model.frozen == []
+    assert variant_config("gdpo", 0, BUDGETS["quick"], "c", frozen=["blocks.0"]).model.frozen == ["blocks.0"]
+
+
 def test_variants_switch_exactly_their_method():
     adv = {n: variant_config(n, 0, BUDGETS["quick"], "c").advantage for n in VARIANTS if VARIANTS[n]}
     assert adv["naive"].kind == "weighted" and adv["gdpo"].kind == "gdpo"

@@ -174,6 +174,8 @@ CASES = {
     "ablate-seeds-0": C(["ablate", "--seeds", "0", "--out", "{out}"], "'--seeds'"),
     "ablate-workers-0": C(["ablate", "--workers", "0", "--out", "{out}"], "'--workers'"),
     "ablate-eval-n-0": C(["ablate", "--eval-n", "0", "--out", "{out}"], "'--eval-n'"),
+    "ablate-frozen-unknown-module": C(["ablate", "--quick", "--variants", "gdpo", "--frozen", "hed", "--out", "{out}"],
+                                      "'model.frozen': 'hed' names no module", writes_out=True),
     "eval-out-is-file": C(["eval", "--ckpt", "tiny-sft", "--suite", "refworld", "--out", "{file}"], "is a file"),
     "sft-out-is-file": C(["sft", "-c", SFT_CFG, "--out", "{file}"], "is a file"),
     "generate-out-under-file": C(["generate", "--ckpt", "tiny-sft", "--manifest", "{data}/good.jsonl", "--out",

@@ -56,22 +56,25 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 BUDGETS = {
     # iterations x groups x group size, and test samples per eval (equal for every variant)
     # default: 30 GRPO runs + 38 evaluations of 192 test samples (the project's bar for an RL
-    # claim), about 47 min of CPU on 2 cores: README, "Results"
+    # claim), 3342 s of CPU in session 11, about 28 min on 2 cores: README, "Results"
     "default": {"iterations": 20, "groups_per_iteration": 8, "group_size": 8, "minibatch_size": 32, "eval_n": 192},
     "quick": {"iterations": 4, "groups_per_iteration": 4, "group_size": 8, "minibatch_size": 32, "eval_n": 48},
 }
 
 
-def variant_config(name: str, seed: int, budget: dict[str, Any], ckpt: str) -> GRPOConfig:
+def variant_config(name: str, seed: int, budget: dict[str, Any], ckpt: str,
+                   frozen: list[str] | None = None) -> GRPOConfig:
+    """The GRPO config of variant ``name``: the signal recipe, the budget, then the variant's
+    rewards and shaping. ``frozen`` (default: the recipe's, the output head) is `model.frozen`;
+    ``[]`` trains every module, as a LoRA checkpoint needs."""
     spec = VARIANTS[name]
     if spec is None:
         raise RefrlError(f"variant {name!r} has no GRPO stage")
     data = json.loads(json.dumps(SIGNAL_RECIPE))  # a deep copy; each variant sets its rewards and shaping on top
     data.update({k: v for k, v in budget.items() if k != "eval_n"})
     data["seed"] = seed
-    # the recipe's model section is replaced, not merged: `ckpt` may be any kind of policy, and the
-    # README's ablation numbers were measured with every module training (no model.frozen)
-    data["model"] = {"init": ckpt}
+    # the recipe's model section is replaced, not merged: `ckpt` may be any kind of policy
+    data["model"] = {"init": ckpt, "frozen": list(SIGNAL_RECIPE["model"]["frozen"] if frozen is None else frozen)}
     for key, value in spec.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -105,11 +108,13 @@ def _collect(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False, seeds: int = 3,
                  variants: list[str] | None = None, ckpt: str = "tiny-sft", eval_seed: int = 1234,
-                 workers: int = 1, eval_n: int | None = None) -> Path:
+                 workers: int = 1, eval_n: int | None = None, frozen: list[str] | None = None) -> Path:
     """Train and evaluate every variant under ``out`` (holding its lock); returns ablation.json.
 
     ``eval_n`` replaces the budget's test samples per evaluation; as training resumes from
     what a run folder holds, re-running with another ``eval_n`` only re-evaluates.
+
+    ``frozen`` is every variant's `model.frozen` (default: the recipe's, the output head).
 
     ``workers > 1`` runs that many (variant, seed) jobs at once in separate processes, each
     with its share of the CPU threads; every job is seeded on its own, so the results do
@@ -130,11 +135,12 @@ def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False,
     budget = dict(BUDGETS["quick" if quick else "default"])
     if eval_n is not None:
         budget["eval_n"] = eval_n
+    frozen = list(SIGNAL_RECIPE["model"]["frozen"] if frozen is None else frozen)
     with lock_run_folder(out):
-        return _run_ablation(Path(out), preset, quick, seeds, names, ckpt, eval_seed, workers, budget)
+        return _run_ablation(Path(out), preset, quick, seeds, names, ckpt, frozen, eval_seed, workers, budget)
 
 
-def run_ablation_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, eval_seed: int,
+def run_ablation_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, frozen: list[str], eval_seed: int,
                      run_dir: Path) -> dict[str, float]:
     """Train one variant with one seed (resuming what is there), evaluate it; its flat metrics."""
     from refrl.eval.config import eval_command
@@ -142,7 +148,7 @@ def run_ablation_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, ev
 
     policy_ckpt = ckpt
     if VARIANTS[name] is not None:
-        cfg = variant_config(name, seed, budget, ckpt)
+        cfg = variant_config(name, seed, budget, ckpt, frozen)
         train_grpo(cfg, run_dir, resume=latest_checkpoint(run_dir / CHECKPOINTS_DIR) is not None)
         policy_ckpt = str(run_dir)
     ev = eval_command(policy_ckpt, "refworld", run_dir / "eval", n=budget["eval_n"], seed=eval_seed)
@@ -161,7 +167,7 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _logged_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, eval_seed: int,
+def _logged_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, frozen: list[str], eval_seed: int,
                 run_dir: Path) -> dict[str, float]:
     """`run_ablation_job` in a worker process, its progress bars in ``run_dir/ablation.log``
     (interleaved bars of several processes on one terminal are unreadable)."""
@@ -169,11 +175,11 @@ def _logged_job(name: str, seed: int, budget: dict[str, Any], ckpt: str, eval_se
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "ablation.log", "a") as log, contextlib.redirect_stderr(log):
-        return run_ablation_job(name, seed, budget, ckpt, eval_seed, run_dir)
+        return run_ablation_job(name, seed, budget, ckpt, frozen, eval_seed, run_dir)
 
 
-def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[str], ckpt: str, eval_seed: int,
-                  workers: int, budget: dict[str, Any]) -> Path:
+def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[str], ckpt: str, frozen: list[str],
+                  eval_seed: int, workers: int, budget: dict[str, Any]) -> Path:
     console = Console(stderr=True)
     jobs = [(name, seed) for name in names for seed in range(seeds if VARIANTS[name] is not None else 1)]
     flat: dict[tuple[str, int], dict[str, float]] = {}
@@ -181,7 +187,7 @@ def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[s
     if workers == 1:
         for name, seed in jobs:
             console.rule(f"[bold]{name} (seed {seed})")
-            flat[name, seed] = run_ablation_job(name, seed, budget, ckpt, eval_seed, out / name / f"seed{seed}")
+            flat[name, seed] = run_ablation_job(name, seed, budget, ckpt, frozen, eval_seed, out / name / f"seed{seed}")
     else:
         import multiprocessing
         import os
@@ -192,7 +198,7 @@ def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[s
                       f"progress of each in {out}/VARIANT/seedN/ablation.log")
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init, initargs=(threads,)) as pool:
-            futures = {pool.submit(_logged_job, name, seed, budget, ckpt, eval_seed, out / name / f"seed{seed}"):
+            futures = {pool.submit(_logged_job, name, seed, budget, ckpt, frozen, eval_seed, out / name / f"seed{seed}"):
                        (name, seed) for name, seed in jobs}
             for i, future in enumerate(as_completed(futures), 1):
                 name, seed = futures[future]
@@ -203,7 +209,7 @@ def _run_ablation(out: Path, preset: str, quick: bool, seeds: int, names: list[s
         per_seed = [flat[n, s] for n, s in jobs if n == name]
         keys = sorted({k for d in per_seed for k in d})
         results[name] = {k: _mean_std([d.get(k, float("nan")) for d in per_seed]) for k in keys}
-    summary = {"preset": preset, "quick": quick, "seeds": seeds, "budget": budget, "ckpt": ckpt,
+    summary = {"preset": preset, "quick": quick, "seeds": seeds, "budget": budget, "ckpt": ckpt, "frozen": frozen,
                "eval_seed": eval_seed, "workers": workers, "seconds": time.perf_counter() - t0, "variants": results}
     atomic_write_text(out / "ablation.json", json.dumps(summary, indent=2, allow_nan=True))
     atomic_write_text(out / "ablation.md", markdown_table(summary))

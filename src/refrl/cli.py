@@ -330,14 +330,18 @@ def ablate(
                                          "(on a CPU machine, its core count is fastest).", min=1)] = 1,
     eval_n: Annotated[int | None, typer.Option(help="Test samples per evaluation (default 192; 48 with --quick). "
                                                "Runs already trained are only re-evaluated.", min=1)] = None,
+    frozen: Annotated[str | None, typer.Option(help="Comma-separated modules kept at the checkpoint's weights "
+                                               "(model.frozen; default: the recipe's, head). '' trains every "
+                                               "module, as a LoRA checkpoint needs.")] = None,
 ) -> None:
     """Equal-budget ablation of the shaping methods (SARS/TDW, DRS/DAR, patch reward) on RefWorld."""
     from refrl.ablation import run_ablation
 
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     n_seeds = seeds if seeds is not None else (1 if quick else 3)
+    frozen_modules = None if frozen is None else [m.strip() for m in frozen.split(",") if m.strip()]
     path = run_ablation(out, preset=preset, quick=quick, seeds=n_seeds, variants=names, ckpt=ckpt,
-                        workers=workers, eval_n=eval_n)
+                        workers=workers, eval_n=eval_n, frozen=frozen_modules)
     typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
 
 
