@@ -67,6 +67,15 @@ def test_frozen_modules_keep_their_initial_weights(tmp_path, tiny_policy_dir):
     assert len(load_file(str(ckpt / "trainable.safetensors"))) == len(before) - len(frozen)
 
 
+def test_resume_with_another_frozen_list_names_the_keys(tmp_path, tiny_policy_dir):
+    from refrl.errors import RefrlError
+
+    run = tmp_path / "run"
+    train_grpo(grpo_cfg(tiny_policy_dir, "iterations=1"), run)
+    with pytest.raises(RefrlError, match=r"\(53 saved, 51 expected\); resume with the model\.frozen"):
+        train_grpo(grpo_cfg(tiny_policy_dir, "iterations=2", "model.frozen=[head]"), run, resume=True)
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_grpo_climbs_a_simple_reward(tmp_path, tiny_policy_dir, brightness_reward, sign):
     # The sign of the loss, the advantage and the log-prob gradient all have to be right

@@ -103,7 +103,10 @@ def load_trainable(named: list[tuple[str, torch.nn.Parameter]], ckpt: str | Path
     state = load_file(str(path))
     missing = [k for k, _ in named if k not in state]
     if missing or len(state) != len(named):
-        raise RefrlError(f"{ckpt}: trainable weights do not match this model ({len(state)} saved, {len(named)} expected)")
+        # the trainable set comes from model.frozen and model.lora_rank: a run resumed with
+        # other values of either cannot continue from these weights
+        raise RefrlError(f"{ckpt}: trainable weights do not match this model ({len(state)} saved, {len(named)} "
+                         "expected); resume with the model.frozen and model.lora_rank the run started with")
     for k, p in named:
         if state[k].shape != p.shape:
             raise RefrlError(f"{ckpt}: weight {k} has shape {tuple(state[k].shape)}, model expects {tuple(p.shape)}")
