@@ -141,6 +141,8 @@ CASES = {
                          run="done-held"),
     "sft-holds-checkpoints": C(["sft", "-c", SFT_CFG, "--out", "{out}", "--steps", "3", *TINY_SFT], "pass --resume",
                                run="done"),
+    "sft-resume-other-frozen": C(["sft", "-c", SFT_CFG, "--out", "{out}", "--resume", "--steps", "3", *TINY_SFT,
+                                  "model.frozen=[head]"], "resume with the model.frozen", run="done"),
     # ---- item 4: values are validated, naming the key and the range
     "sft-keep-last-negative": C(["sft", "-c", SFT_CFG, "keep_last=-1"], "'keep_last': Input should be greater than or equal to 0"),
     "sft-checkpoint-every-0": C(["sft", "-c", SFT_CFG, "checkpoint_every=0"], "'checkpoint_every': Input should be greater than or equal to 1"),

@@ -62,6 +62,11 @@ BUDGETS = {
 }
 
 
+def frozen_or_recipes(frozen: list[str] | None) -> list[str]:
+    """``model.frozen`` of every variant: ``frozen``, or the recipe's (the output head) when None."""
+    return list(SIGNAL_RECIPE["model"]["frozen"] if frozen is None else frozen)
+
+
 def variant_config(name: str, seed: int, budget: dict[str, Any], ckpt: str,
                    frozen: list[str] | None = None) -> GRPOConfig:
     """The GRPO config of variant ``name``: the signal recipe, the budget, then the variant's
@@ -74,7 +79,7 @@ def variant_config(name: str, seed: int, budget: dict[str, Any], ckpt: str,
     data.update({k: v for k, v in budget.items() if k != "eval_n"})
     data["seed"] = seed
     # the recipe's model section is replaced, not merged: `ckpt` may be any kind of policy
-    data["model"] = {"init": ckpt, "frozen": list(SIGNAL_RECIPE["model"]["frozen"] if frozen is None else frozen)}
+    data["model"] = {"init": ckpt, "frozen": frozen_or_recipes(frozen)}
     for key, value in spec.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -135,7 +140,7 @@ def run_ablation(out: str | Path, preset: str = "refworld", quick: bool = False,
     budget = dict(BUDGETS["quick" if quick else "default"])
     if eval_n is not None:
         budget["eval_n"] = eval_n
-    frozen = list(SIGNAL_RECIPE["model"]["frozen"] if frozen is None else frozen)
+    frozen = frozen_or_recipes(frozen)
     with lock_run_folder(out):
         return _run_ablation(Path(out), preset, quick, seeds, names, ckpt, frozen, eval_seed, workers, budget)
 

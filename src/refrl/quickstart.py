@@ -24,8 +24,9 @@ from refrl.train.grpo_config import SIGNAL_RECIPE, GRPOConfig
 # The recipe of configs/tiny-cpu-grpo.yaml (one trained step among the first three, one
 # starting noise per group, lr 1e-4, the output head frozen, the style reward at 1.6), 100
 # iterations, with both papers' shaping on top; every value is an ordinary GRPO config key.
-# Identity keeps weight 1 (the preset's 2 was measured with GDPO, not with this shaping). 8 prompts per iteration where
-# the preset takes 16: at 16 the GRPO stage alone takes about 10 minutes, the quickstart's budget.
+# Identity keeps weight 1: the preset's 2 was measured with GDPO, not with this shaping.
+# 8 prompts per iteration where the preset takes 16: at 16 the GRPO stage alone takes about
+# 10 minutes, the quickstart's budget.
 QUICKSTART_GRPO: dict[str, Any] = {
     **SIGNAL_RECIPE,
     "iterations": 100,
