@@ -27,6 +27,7 @@ from refrl.models.tokenizer import WordTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from training import grpo_section, grpo_signal_section, quickstart_section, train_section  # noqa: E402
+from validation import validation_section  # noqa: E402
 
 MATMUL_SIZES = (1024, 2048)
 ROLLOUT_N_REFS = (1, 3, 5, 7)
@@ -250,6 +251,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "grpo_signal": grpo_signal_section,
     "reward": reward_section,
     "quickstart": quickstart_section,
+    "validation": validation_section,
 }
 
 
@@ -269,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiny-dit", action="extend", nargs="+", default=[], metavar="KEY=INT",
         help="TinyDiTConfig overrides for design studies, e.g. ref_patch=4",
     )
-    parser.add_argument("--config", help="grpo_signal: GRPO config YAML (default configs/tiny-cpu-grpo.yaml)")
+    parser.add_argument("--config", help="grpo_signal, validation: config YAML (default configs/tiny-cpu-grpo.yaml)")
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="grpo_signal: config overrides")
     parser.add_argument("--signal-iterations", type=int, default=3, help="grpo_signal: iterations to average over")

@@ -1,6 +1,6 @@
-"""Make the README picture of RefWorld: one sample per category, references -> target.
+"""Make the picture of RefWorld in docs/research/refworld.md: one sample per category, references -> target.
 
-    python scripts/make_refworld_figure.py --out docs/refworld.png
+    python scripts/make_refworld_figure.py --out docs/images/refworld.png
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from refrl.data.refworld import CATEGORIES, RefWorld, write_preview_grid
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/refworld.png"), help="PNG to write")
+    parser.add_argument("--out", type=Path, default=Path("docs/images/refworld.png"), help="PNG to write")
     parser.add_argument("--seed", type=int, default=0, help="sample i of the figure uses default_rng([seed, i])")
     parser.add_argument("--size", type=int, default=32, help="image size (32 or 64)")
     parser.add_argument("--level", type=int, default=2, choices=(0, 1, 2), help="curriculum level")

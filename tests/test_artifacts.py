@@ -46,7 +46,7 @@ def test_eval_reports_patch_grid(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ev"
     r = subprocess.run([sys.executable, "-m", "refrl", "eval", "--ckpt", "tiny-sft", "--suite", "refworld", "--n", "4",
-                        "--steps", "2", "--rewards", "layout,patch_grid", "--out", str(out)],
+                        "--sampling-steps", "2", "--rewards", "layout,patch_grid", "--out", str(out)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     overall = json.loads((out / "eval.json").read_text())["metrics"]["overall"]

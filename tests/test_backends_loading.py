@@ -218,6 +218,6 @@ def test_eval_generates_at_the_policys_image_size(folder, tmp_path):
     policy = build_policy(tiny.tiny_model_config(KIND, folder, image_size=64, lora_rank=2))
     assert policy.image_size == policy_image_size(policy) == 64
     policy.save_pretrained(tmp_path / "policy")
-    res = eval_command(str(tmp_path / "policy"), "refworld", tmp_path / "eval", n=2, steps=1, batch_size=2,
+    res = eval_command(str(tmp_path / "policy"), "refworld", tmp_path / "eval", n=2, sampling={"steps": 1}, batch_size=2,
                        rewards="fidelity")
     assert res["size"] == [64, 64]

@@ -31,7 +31,7 @@ SFT_CFG = str(CONFIGS / "tiny-cpu-sft.yaml")
 GRPO_CFG = str(CONFIGS / "tiny-cpu-grpo.yaml")
 # A small SFT model: a real run folder in seconds.
 TINY_SFT = ["model.width=32", "model.depth=1", "model.heads=2", "batch_size=2", "noise_per_condition=1",
-            "data.max_refs=2", "optim.warmup_steps=0", "checkpoint_every=1", "log_every=1"]
+            "data.max_refs=2", "optim.warmup_steps=0", "checkpoint_every=1", "log_every=1", "validation.every=0"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -113,7 +113,8 @@ class Case:
 C = Case
 CASES = {
     # ---- item 1: usage errors are one line with exit 2, for every subcommand
-    "eval-no-options": C(["eval"], "Missing option '--ckpt'"),
+    "eval-no-options": C(["eval"], "Missing option '--out'"),
+    "eval-no-ckpt": C(["eval", "--out", "{out}"], "Missing option '--ckpt'"),
     "eval-missing-suite": C(["eval", "--ckpt", "tiny-sft", "--out", "{out}"], "Missing option '--suite'"),
     "sft-steps-not-int": C(["sft", "--steps", "abc"], "'--steps'"),
     "sft-unknown-option": C(["sft", "--bogus"], "No such option: --bogus"),
@@ -164,7 +165,8 @@ CASES = {
                                "'model.frozen'"),
     "eval-n-0": C(["eval", "--ckpt", "tiny-sft", "--suite", "refworld", "--out", "{out}", "--n", "0"], "'--n'"),
     "eval-limit-0": C(["eval", "--ckpt", "tiny-sft", "--suite", "refworld", "--out", "{out}", "--limit", "0"], "'--limit'"),
-    "eval-steps-0": C(["eval", "--ckpt", "tiny-sft", "--suite", "refworld", "--out", "{out}", "--steps", "0"], "'--steps'"),
+    "eval-steps-0": C(["eval", "--ckpt", "tiny-sft", "--suite", "refworld", "--out", "{out}", "--sampling-steps", "0"],
+                      "'--sampling-steps'"),
     "eval-batch-size-0": C(["eval", "--ckpt", "tiny-sft", "--suite", "refworld", "--out", "{out}", "--batch-size", "0"],
                            "'--batch-size'"),
     "eval-level-3": C(["eval", "--ckpt", "tiny-sft", "--suite", "refworld", "--out", "{out}", "--level", "3"], "'--level'"),
@@ -288,10 +290,10 @@ def test_generate_and_eval_keep_unsafe_ids_inside_out(data, tmp_path):
     before = snapshot(tmp_path)
 
     gen, ev = sandbox / "gen", sandbox / "ev"
-    res = refrl("generate", "--ckpt", "tiny-sft", "--manifest", "d/m.jsonl", "--out", "gen", "--steps", "1", cwd=sandbox)
+    res = refrl("generate", "--ckpt", "tiny-sft", "--manifest", "d/m.jsonl", "--out", "gen", "--sampling-steps", "1", cwd=sandbox)
     assert res.returncode == 0, res.stderr[-3000:]
     res = refrl("eval", "--ckpt", "tiny-sft", "--suite", "omniref", "--data", "d/meta.json", "--out", "ev",
-                "--steps", "1", "--rewards", "psnr_inside", cwd=sandbox)
+                "--sampling-steps", "1", "--rewards", "psnr_inside", cwd=sandbox)
     assert res.returncode == 0, res.stderr[-3000:]
 
     new = [tmp_path / p for p in changed(before, snapshot(tmp_path))]
@@ -349,7 +351,7 @@ def test_resume_drops_a_torn_metrics_line(sft_run, tmp_path):
 def test_written_files_follow_the_umask(sft_run, data, tmp_path):
     gen = tmp_path / "gen"
     res = subprocess.run([sys.executable, "-m", "refrl", "generate", "--ckpt", "tiny-sft", "--manifest",
-                          str(data / "good.jsonl"), "--out", str(gen), "--steps", "1"],
+                          str(data / "good.jsonl"), "--out", str(gen), "--sampling-steps", "1"],
                          capture_output=True, text=True, env=ENV, timeout=300, preexec_fn=lambda: os.umask(0o027))
     assert res.returncode == 0, res.stderr[-3000:]
     for p in gen.iterdir():

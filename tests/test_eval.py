@@ -122,8 +122,8 @@ def test_metric_specs_and_options():
 
 def _run(policy, suite, out, **kw):
     metrics = {"mean_colour": MeanColour(), **build_metrics({"psnr_inside": "psnr_inside"})}
-    return run_eval(policy, suite, out, metrics=metrics, ckpt="tiny-random", steps=kw.pop("steps", STEPS), cfg=2.0,
-                    batch_size=2, progress=False, **kw)
+    return run_eval(policy, suite, out, metrics=metrics, ckpt="tiny-random", steps=kw.pop("steps", STEPS), cfg_scale=2.0,
+                    shift=1.0, batch_size=2, progress=False, **kw)
 
 
 def test_refworld_eval_writes_results_and_resumes(tmp_path):
@@ -133,9 +133,11 @@ def test_refworld_eval_writes_results_and_resumes(tmp_path):
     res = _run(policy, suite, tmp_path)
     saved = json.loads((tmp_path / EVAL_FILE).read_text())
     assert saved == json.loads(json.dumps(res))
-    for key in ("suite", "ckpt", "seed", "n", "steps", "cfg", "metrics"):
+    for key in ("suite", "ckpt", "seed", "n", "sampling", "scored", "metrics"):
         assert key in saved
-    assert (saved["suite"], saved["n"], saved["steps"], saved["generated"]) == ("refworld", 3, STEPS, 3)
+    assert (saved["suite"], saved["n"], saved["generated"], saved["processes"]) == ("refworld", 3, 3, 1)
+    assert saved["sampling"] == {"steps": STEPS, "cfg_scale": 2.0, "shift": 1.0}
+    assert saved["scored"] == {"mean_colour": 3, "psnr_inside": saved["metrics"]["overall"]["psnr_inside"]["n"]}
     assert (saved["params"]["data_seed"], saved["seed"]) == (5, 0)  # samples from seed 5, noise from seed 0
     m = saved["metrics"]
     assert set(m) == {"overall", "by_category", "by_n_refs", "by_bucket"}
@@ -337,14 +339,14 @@ def test_eval_cli_runs_and_reports_errors_in_one_line(tmp_path, monkeypatch, cap
     make_policy().save_pretrained(ckpt)
     out = tmp_path / "eval"
     argv = ["eval", "--ckpt", str(ckpt), "--suite", "refine", "--out", str(out), "--limit", "2",
-            "--steps", "2", "--rewards", "psnr_inside,psnr_outside"]
+            "--sampling-steps", "2", "--rewards", "psnr_inside,psnr_outside"]
     assert _main(monkeypatch, argv) == 0
     ev = json.loads((out / EVAL_FILE).read_text())
     assert (ev["suite"], ev["n"], ev["rewards"]) == ("refine", 2, {"psnr_inside": "psnr_inside", "psnr_outside": "psnr_outside"})
     assert ev["metrics"]["by_category"]["refine"]["psnr_inside"]["n"] == 2
     assert _main(monkeypatch, [*argv[:4], "bogus", *argv[5:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: unknown suite 'bogus'; allowed: refworld, omniref, dreambench, refine")
+    assert err[-1].startswith("error: unknown suite 'bogus'; allowed: refworld, manifest, omniref, dreambench, refine")
 
 
 def test_refworld_split_and_level_choose_the_samples():

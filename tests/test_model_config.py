@@ -145,7 +145,7 @@ def test_registry_is_the_one_list_of_diffusers_kinds():
 
 
 def test_docs_describe_every_backend_and_option():
-    docs = (ROOT / "docs/backends.md").read_text()
+    docs = (ROOT / "docs/guides/backends.md").read_text()
     for kind, cls in BACKENDS.items():
         assert f"| `{kind}` |" in docs and cls.pipeline_class_name in docs
         for option in cls.config_class.model_fields["diffusers"].annotation.model_fields:

@@ -37,6 +37,7 @@ def rl_cfg(policy_dir: Path, objective: str, *extra: str) -> GRPOConfig:
         "minibatch_size=4", "sampling.steps=4", "sampling.sde_steps=none", "sampling.same_noise_in_group=false",
         "sampling.cfg_scale=2.0", "matching.k=2",
         "checkpoint_every=1", "keep_last=5", "clip_range=0.2", "optim.lr=1e-3", "data.max_refs=3", "save_rollouts=true",
+        "validation.every=0",
     ]
     return load_config(GRPOConfig, "configs/tiny-cpu-grpo.yaml", base + list(extra))
 

@@ -379,3 +379,77 @@ def test_cli_refuses_a_bad_limit_in_one_line(option, value, message):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert lines == [f"error: serve-reward: {message}"]
+
+
+# --------------------------------------------------------------------------- queue time-out, cancelling
+
+
+def test_a_request_waits_at_most_queue_timeout_then_503(serve):
+    gate = threading.Event()
+    reward = MeanDiff(gate)
+    server = serve(reward, queue_timeout=0.3)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, server, encode_request(images(1), [sample(0)]))
+        wait_for(reward.entered.is_set, "the first request is being scored")
+        status, answer, headers = post(server, encode_request(images(1, seed=1), [sample(1)]))
+        assert status == 503 and headers["retry-after"] == "1"
+        assert answer["error"] == ("server busy: the request waited 0.3 s in the queue "
+                                   "(refrl serve-reward --queue-timeout); retry later")
+        gate.set()
+        assert first.result()[0] == 200  # scoring had started: it is not timed out
+    assert server.stats.expired == 1 and server.stats.rejected == {503: 1} and not server._pending
+    assert server.info()["stats"]["expired"] == 1 and server.info()["limits"]["queue_timeout"] == 0.3
+
+
+def test_zero_images_and_a_deep_header_are_400(serve):
+    reward = MeanDiff()
+    server = serve(reward)
+    zero = st_save({"images": images(1)[:0]}, metadata={"request": json.dumps({"index": [], "samples": []})})
+    depth = 100_000
+    deep = len(b"[" * depth + b"]" * depth).to_bytes(8, "little") + b"[" * depth + b"]" * depth
+    for body, message in ((zero, "request has no images"), (deep, "RecursionError")):
+        status, answer, _ = post(server, body)
+        assert status == 400 and message in answer["error"] and "\n" not in answer["error"]
+    assert reward.batch_sizes == [] and server.stats.rejected == {400: 2}
+
+
+def test_a_cancelled_call_stops_at_its_next_line():
+    import asyncio
+
+    from refrl.rewards.zoo.serve_cancel import CancellableRun, ScoringCancelled
+
+    progress, started = [], threading.Event()
+
+    def loop_for_ever():
+        started.set()
+        while True:  # Python between short C calls: stopped at the next instruction boundary
+            progress.append(1)
+            time.sleep(0.001)
+
+    def swallow_everything():
+        try:
+            loop_for_ever()
+        except Exception:  # a reward's broad except does not catch the cancel
+            return "swallowed"
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        for fn in (loop_for_ever, swallow_everything):
+            run = CancellableRun(fn, loop).start()
+            while not started.is_set():
+                await asyncio.sleep(0.001)
+            run.cancel()
+            with pytest.raises(ScoringCancelled):
+                await run.result
+            while run.running:
+                await asyncio.sleep(0.001)
+            count = len(progress)
+            await asyncio.sleep(0.05)
+            assert len(progress) == count  # the thread really stopped
+            started.clear()
+        assert await CancellableRun(lambda: 42, loop).start().result == 42
+        failing = CancellableRun(lambda: 1 / 0, loop).start()
+        with pytest.raises(ZeroDivisionError):
+            await failing.result
+
+    asyncio.run(main())

@@ -271,7 +271,7 @@ def test_layout_gives_high_contrast_blocks_almost_nothing(world, value):
     target = layout(torch.stack([s.target for s in subjects]), subjects).scores
     ok = ~torch.isnan(target)
     assert ok.sum() >= 8
-    assert blocks[ok].mean() <= 0.1  # the session-1 layout reward gave them 0.77-0.79
+    assert blocks[ok].mean() <= 0.1  # an earlier layout reward gave them 0.77-0.79
     assert (blocks[ok] < target[ok]).float().mean() >= 0.95
 
 
@@ -288,7 +288,7 @@ def tiny_sft_images(world) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["layout", "identity"])
 def test_identity_and_layout_move_little_under_pixel_noise(world, tiny_sft_images, name):
-    """0.03 Gaussian pixel noise moves each sample's score by at most 0.02 on average (issue 13's bound)."""
+    """0.03 Gaussian pixel noise moves each sample's score by at most 0.02 on average (the bound the layout reward was designed to)."""
     reward = build(name)
     clean = torch.stack([s.target for s in world])
     for images in (clean, tiny_sft_images):

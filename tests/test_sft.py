@@ -19,6 +19,7 @@ from refrl.train.sft import SFTConfig, flow_matching_loss, train_sft, x0_loss_we
 TINY = [
     "model.width=32", "model.depth=1", "model.heads=2", "batch_size=2", "noise_per_condition=2",
     "log_every=1", "checkpoint_every=2", "keep_last=5", "optim.warmup_steps=1", "data.max_refs=3",
+    "validation.every=0",
 ]
 
 

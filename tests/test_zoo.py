@@ -288,8 +288,12 @@ def test_missing_files_of_non_hub_rewards(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no torchvision cache here
     with pytest.raises(RefrlError, match="backbone_weights=.*lin_weights="):
         build("lpips")
-    with pytest.raises(RefrlError, match="checkpoint=/path/to/checkpoint.pth"):
+    # csd's default weights (a hub id) are not in the cache: the line names them and the command that fetches them
+    with pytest.raises(RefrlError, match=r"reward 'csd': weights 'yuxi-liu-wired/CSD' are not available locally "
+                                         r"and HF_HUB_OFFLINE is set.*`refrl weights download --config CONFIG`"):
         build("csd")
+    with pytest.raises(RefrlError, match="checkpoint=.*nowhere.pth is neither a checkpoint.pth file nor a folder"):
+        build("csd", checkpoint=str(tmp_path / "nowhere.pth"))
     with pytest.raises(RefrlError, match="does not exist"):
         build("dino", checkpoint=str(tmp_path / "nowhere"))
     with pytest.raises(RefrlError, match="segmenter_checkpoint"):
@@ -340,7 +344,7 @@ def test_grpo_runs_one_iteration_with_zoo_rewards(tiny, tmp_path):
     cfg = load_config(GRPOConfig, "configs/tiny-cpu-grpo.yaml", [
         f"model.init={policy_dir}", "iterations=1", "groups_per_iteration=2", "group_size=2", "minibatch_size=4",
         "gradient_accumulation=1",
-        "sampling.steps=3", "data.max_refs=2", "checkpoint_every=1",
+        "sampling.steps=3", "data.max_refs=2", "checkpoint_every=1", "validation.every=0",
     ])
     cfg.rewards = [
         RewardSpec(name="dino", weight=1.0, options={**tiny("dino"), "device": "cpu"}),

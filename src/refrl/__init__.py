@@ -1,11 +1,13 @@
 """refrl: SFT + GRPO for reference-guided image generation (DyRef, Customized-GRPO, OmniRefiner).
 
-The Python API (README, "Use from Python"): trainers that take objects, as TRL's do.
+The Python API (README.md, "Use from Python"): trainers that take objects, as TRL's do.
 
 * `GRPOTrainer(config, out_dir, policy=..., dataset=..., rewards=[fn, "layout"])`, `GRPOConfig`:
   RL (objective grpo, nft or awm); a reward may be a plain function
   ``(images, samples) -> list[float | None]``;
 * `SFTTrainer(config, out_dir, policy=..., dataset=...)`, `SFTConfig`: supervised fine-tuning;
+* `eval_command(ckpt, suite, out, rewards=[fn, "style"], data=...)`: ``refrl eval``, where a
+  reward may also be a plain function (docs/guides/evaluation.md);
 * `load_policy("tiny-sft" | run folder | checkpoint folder)`, `load_manifest(path)`,
   `load_config(ConfigClass, yaml_path, overrides)`, `read_metrics(path)`, `FunctionReward`.
 
@@ -29,6 +31,7 @@ _LAZY = {
     "load_manifest": "refrl.data.manifest",
     "load_config": "refrl.config",
     "read_metrics": "refrl.train.run",
+    "eval_command": "refrl.eval.config",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -56,7 +56,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 BUDGETS = {
     # iterations x groups x group size, and test samples per eval (equal for every variant)
     # default: 30 GRPO runs + 38 evaluations of 192 test samples (the project's bar for an RL
-    # claim), 3342 s of CPU in session 11, about 28 min on 2 cores: README, "Results"
+    # claim), 3342 s of CPU, about 28 min on 2 cores: docs/research/ablation.md
     "default": {"iterations": 20, "groups_per_iteration": 8, "group_size": 8, "minibatch_size": 32, "eval_n": 192},
     "quick": {"iterations": 4, "groups_per_iteration": 4, "group_size": 8, "minibatch_size": 32, "eval_n": 48},
 }

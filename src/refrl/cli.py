@@ -7,6 +7,8 @@ printed by `run` as one line ``error: ...`` on stderr with a non-zero exit code.
 
 from __future__ import annotations
 
+import errno
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,13 +17,17 @@ import typer
 
 app = typer.Typer(
     name="refrl",
-    help="Train and evaluate reference-guided image generators: SFT, then GRPO with reward shaping.",
+    help="Train and evaluate reference-guided image generators: SFT, then RL (GRPO, DiffusionNFT, AWM) "
+    "with reward shaping.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Datasets: generate RefWorld, validate manifests, import other layouts.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+weights_app = typer.Typer(help="Weights a config needs: list them (present or missing here), download them ahead.",
+                          no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
 
 EXIT_USER_ERROR = 2  # bad options, config, data or paths: the user can fix it
 EXIT_FAILURE = 1  # the system failed the command: out of memory, disk full, I/O errors
@@ -30,12 +36,25 @@ EXIT_INTERRUPTED = 130
 # Output folders: a file in their place is refused while parsing the options; a folder
 # that cannot be created or written, by `refrl.runfolder.files.prepare_out_dir` before any work.
 OUT_DIR = {"file_okay": False, "writable": True}
+# What every seeded RNG accepts (the config keys `seed` have the same range: refrl.limits.SEED_MAX).
+SEED = {"min": 0, "max": 2**32 - 1}
+
+
+# Every character that ends a line somewhere (\r, U+2028, ...: what str.splitlines splits at), and
+# other control characters, which are shown escaped: an error stays one line in any terminal or log.
+_LINE_BREAKS = re.compile(r"[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f]")
+MAX_ERROR_CHARS = 2000  # inputs are quoted cut already (refrl.errors.quote); this bounds the rest
 
 
 def print_error(message: str) -> None:
-    """The one line every failing command ends with (newlines folded: one error, one line)."""
-    text = " ".join(str(message).split("\n")).strip()
-    typer.secho(f"error: {text}", err=True, fg=typer.colors.RED)
+    """The one line every failing command ends with (line breaks folded: one error, one line;
+    at most `MAX_ERROR_CHARS` characters)."""
+    from refrl.errors import clip_text
+
+    text = _LINE_BREAKS.sub(" ", str(message))
+    text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text).strip()
+    typer.secho(f"error: {clip_text(text, MAX_ERROR_CHARS)}", err=True, fg=typer.colors.RED)
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
@@ -51,7 +70,7 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
 def data_refworld(
     out: Annotated[Path, typer.Option(help="Output folder (manifest <split>.jsonl + PNGs).", **OUT_DIR)],
     n: Annotated[int, typer.Option(help="Number of samples.", min=1)] = 200,
-    seed: Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).", **SEED)] = 0,
     split: Annotated[str, typer.Option(help="train | val | test (test uses unseen subject identities).")] = "train",
     size: Annotated[int, typer.Option(help="Image size in pixels (32 or 64).")] = 32,
     categories: Annotated[str | None, typer.Option(help="Comma-separated categories (default: all).")] = None,
@@ -125,14 +144,31 @@ def data_import(
 
 # --------------------------------------------------------------------------- training
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML preset (see configs/).")]
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="A preset's name (`refrl configs` lists them) or a YAML file.")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=1e-4")]
 RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).", **OUT_DIR)]
+# The sampler keys of eval / generate / compare (sampling.steps, sampling.cfg_scale, sampling.shift);
+# unset: the model's (docs/guides/evaluation.md). The old flags stay hidden, to fail naming the new ones.
+SamplingStepsOpt = Annotated[int | None, typer.Option("--sampling-steps", help="Sampler (ODE) steps; sampling.steps (default: the model's).", min=1)]
+CfgScaleOpt = Annotated[float | None, typer.Option("--cfg-scale", help="Classifier-free guidance scale, 1 = off; sampling.cfg_scale (default: the model's).", min=0)]
+ShiftOpt = Annotated[float | None, typer.Option("--shift", help="Time shift of the sigma schedule; sampling.shift (default: the model's).")]
+OldStepsOpt = Annotated[str | None, typer.Option("--steps", hidden=True)]
+OldCfgOpt = Annotated[str | None, typer.Option("--cfg", hidden=True)]
+SamplerOverridesArg = Annotated[list[str] | None, typer.Argument(help="sampling.KEY=VALUE overrides, e.g. sampling.shift=3")]
+
+
+def reject_old_sampler_flags(steps: str | None, cfg: str | None) -> None:
+    """The flags renamed to --sampling-steps / --cfg-scale: one error line naming the new one."""
+    from refrl.sampling.settings import renamed_flag_error
+
+    for flag, value in (("--steps", steps), ("--cfg", cfg)):
+        if value is not None:
+            fail(renamed_flag_error(flag))
 
 
 @app.command("sft")
 def sft(
-    config: ConfigOpt = Path("configs/tiny-cpu-sft.yaml"),
+    config: ConfigOpt = "tiny-cpu-sft",
     overrides: OverridesArg = None,
     out: RunDirOpt = None,
     steps: Annotated[int | None, typer.Option(help="Override the number of steps.", min=1)] = None,
@@ -140,24 +176,29 @@ def sft(
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint.")] = False,
 ) -> None:
     """Stage 1: supervised fine-tuning (rectified-flow loss) of a policy."""
-    from refrl.config import load_config
-    from refrl.train.sft import SFTConfig, train_sft
+    from refrl.config import read_config
 
     extra = list(overrides or [])
     if steps is not None:
         extra.append(f"steps={steps}")
     if seed is not None:
         extra.append(f"seed={seed}")
+    read_config(config, extra)  # hostile YAML is refused before torch is imported (docs/guides/reliability.md)
+    from refrl.train.sft import SFTConfig, train_sft
+    from refrl.twin import (
+        load_config,  # the config, with tiny_twin=true applied (docs/guides/presets.md)
+    )
+
     cfg = load_config(SFTConfig, config, extra)
     out = out or Path("runs") / Path(config).stem
     path = train_sft(cfg, out, resume=resume)
     typer.echo(f"checkpoint: {path}")
 
 
-@app.command("grpo", help="Alias of `refrl rl` (objective: grpo | nft | awm in the config).")
+@app.command("grpo", hidden=True, help="Alias of `refrl rl` (objective: grpo | nft | awm in the config).")
 @app.command("rl")
 def rl(
-    config: ConfigOpt = Path("configs/tiny-cpu-grpo.yaml"),
+    config: ConfigOpt = "tiny-cpu-grpo",
     overrides: OverridesArg = None,
     out: RunDirOpt = None,
     iterations: Annotated[int | None, typer.Option(help="Override the number of iterations.", min=1)] = None,
@@ -165,15 +206,20 @@ def rl(
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint.")] = False,
 ) -> None:
     """Stage 2: RL (objective grpo | nft | awm) with reward shaping (group norm, GDPO, SARS/TDW, DRS/DAR); works with accelerate launch."""
-    from refrl.config import load_config
-    from refrl.train.grpo import train_grpo
-    from refrl.train.grpo_config import GRPOConfig
+    from refrl.config import read_config
 
     extra = list(overrides or [])
     if iterations is not None:
         extra.append(f"iterations={iterations}")
     if seed is not None:
         extra.append(f"seed={seed}")
+    read_config(config, extra)  # hostile YAML is refused before torch is imported (docs/guides/reliability.md)
+    from refrl.train.grpo import train_grpo
+    from refrl.train.grpo_config import GRPOConfig
+    from refrl.twin import (
+        load_config,  # the config, with tiny_twin=true applied (docs/guides/presets.md)
+    )
+
     cfg = load_config(GRPOConfig, config, extra)
     out = out or Path("runs") / Path(config).stem
     path = train_grpo(cfg, out, resume=resume)
@@ -185,38 +231,61 @@ def generate_cmd(
     ckpt: Annotated[str, typer.Option(help="tiny-sft, a run folder or a checkpoint folder.")],
     manifest: Annotated[Path, typer.Option(help="JSONL manifest of samples to generate for.")],
     out: Annotated[Path, typer.Option(help="Output folder (<id>.png per sample, grid.png).", **OUT_DIR)],
+    overrides: SamplerOverridesArg = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples.", min=1)] = None,
-    steps: Annotated[int, typer.Option(help="ODE steps.", min=1)] = 20,
-    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")] = 2.0,
-    seed: Annotated[int, typer.Option(help="Seed; sample i uses noise (seed, i).")] = 0,
+    sampling_steps: SamplingStepsOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    shift: ShiftOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed; sample i uses noise (seed, i).", **SEED)] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per generation batch (under accelerate launch: batch k on process k mod N).", min=1)] = 32,
+    steps: OldStepsOpt = None,
+    cfg: OldCfgOpt = None,
 ) -> None:
-    """ODE sampling with classifier-free guidance; writes PNGs and grid.png (refs -> output -> target)."""
+    """ODE sampling with classifier-free guidance; writes PNGs and grid.png (refs -> output -> target).
+    Works with accelerate launch (the samples are split across the processes)."""
     from refrl.data.manifest import load_manifest
+    from refrl.eval.processes import processes_closed
     from refrl.generate import generate
+    from refrl.sampling.settings import sampler_config
 
+    reject_old_sampler_flags(steps, cfg)
+    sampler = sampler_config(list(overrides or []), {"steps": sampling_steps, "cfg_scale": cfg_scale, "shift": shift},
+                             "generate")
     samples = load_manifest(manifest)
     if limit is not None:
         samples = samples[:limit]
-    paths = generate(ckpt, samples, out, steps=steps, cfg_scale=cfg, seed=seed)
-    typer.echo(f"wrote {len(paths)} images and {out / 'grid.png'}")
+    with processes_closed() as procs:
+        paths = generate(ckpt, samples, out, steps=sampler.steps, cfg_scale=sampler.cfg_scale, shift=sampler.shift,
+                         seed=seed, batch_size=batch_size, processes=procs)
+    if procs.is_main:
+        typer.echo(f"wrote {len(paths)} images and {out / 'grid.png'}")
 
 
 @app.command("compare")
 def compare_cmd(
     ckpt: Annotated[list[str], typer.Option(help="Checkpoints, in column order (repeat: --ckpt tiny-sft --ckpt runs/grpo).")],
     out: Annotated[Path, typer.Option(help="Output PNG.")],
+    overrides: SamplerOverridesArg = None,
     label: Annotated[list[str] | None, typer.Option(help="Column titles, one per --ckpt (default: folder names).")] = None,
     n: Annotated[int, typer.Option(help="Samples (rows).")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of the samples and of the noise (as refrl eval).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the samples and of the noise (as refrl eval).", **SEED)] = 0,
     split: Annotated[str, typer.Option(help="RefWorld split (test: unseen subjects).")] = "test",
     level: Annotated[int, typer.Option(help="RefWorld difficulty 0-2.")] = 2,
-    steps: Annotated[int, typer.Option(help="ODE steps.")] = 20,
-    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 2.0,
+    sampling_steps: SamplingStepsOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    shift: ShiftOpt = None,
+    steps: OldStepsOpt = None,
+    cfg: OldCfgOpt = None,
 ) -> None:
     """The same RefWorld samples and noise drawn by each checkpoint, side by side (before/after RL)."""
     from refrl.eval.compare import compare_grid
+    from refrl.sampling.settings import sampler_config
 
-    path = compare_grid(ckpt, out, labels=label, n=n, seed=seed, split=split, level=level, steps=steps, cfg_scale=cfg)
+    reject_old_sampler_flags(steps, cfg)
+    sampler = sampler_config(list(overrides or []), {"steps": sampling_steps, "cfg_scale": cfg_scale, "shift": shift},
+                             "compare")
+    path = compare_grid(ckpt, out, labels=label, n=n, seed=seed, split=split, level=level, steps=sampler.steps,
+                        cfg_scale=sampler.cfg_scale, shift=sampler.shift)
     typer.echo(f"wrote {path}")
 
 
@@ -226,7 +295,7 @@ def compare_cmd(
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option(help="Run folder.", **OUT_DIR)] = Path("runs/quickstart"),
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed.", **SEED)] = 0,
 ) -> None:
     """The main job on the embedded default, end to end; prints where the report is."""
     from refrl.quickstart import run_quickstart
@@ -247,6 +316,7 @@ def serve_reward_cmd(
     max_connections: Annotated[int, typer.Option(help="Open connections; one more request gets 503.")] = 64,
     idle_timeout: Annotated[float, typer.Option(help="Seconds a connection may stay open without a complete request.")] = 5.0,
     read_timeout: Annotated[float, typer.Option(help="Seconds to receive one request's body (408 beyond).")] = 60.0,
+    queue_timeout: Annotated[float, typer.Option(help="Seconds a received request may wait for its scoring to start (503 beyond).")] = 30.0,
 ) -> None:
     """Serve a reward over HTTP for `remote:NAME` rewards in training configs."""
     from refrl.errors import RefrlError
@@ -257,7 +327,7 @@ def serve_reward_cmd(
         raise RefrlError(f"serve-reward: --max-body-mb must be a number > 0, got {max_body_mb}")
     limits = ServerLimits(max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels, max_batch=max_batch,
                           max_queue=max_queue, max_connections=max_connections, idle_timeout=idle_timeout,
-                          read_timeout=read_timeout)
+                          read_timeout=read_timeout, queue_timeout=queue_timeout)
     serve_reward(name, parse_options(options or []), host=host, port=port, limits=limits,
                  announce=lambda m: typer.echo(m))
 
@@ -265,41 +335,48 @@ def serve_reward_cmd(
 @app.command("eval")
 def eval_cmd(
     overrides: OverridesArg = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML preset (e.g. configs/eval-refworld.yaml).")] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="A preset's name (e.g. eval-refworld) or a YAML file.")] = None,
     ckpt: Annotated[str | None, typer.Option(help="tiny-sft, a run folder or a checkpoint folder (or ckpt= in the config).")] = None,
-    suite: Annotated[str | None, typer.Option(help="refworld | omniref | dreambench | refine (or suite= in the config)")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (images/ cache, eval.json, samples.jsonl, grid.png).", **OUT_DIR)] = None,
+    suite: Annotated[str | None, typer.Option(help="refworld | manifest | omniref | dreambench | refine (or suite= in the config)")] = None,
+    # required: `...` keeps the option after the defaulted ones and makes click mark it required
+    out: Annotated[Path, typer.Option(help="Output folder (images/ cache, eval.json, samples.jsonl, grid.png).", **OUT_DIR)] = ...,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples.", min=1)] = None,
     n: Annotated[int | None, typer.Option(help="refworld/refine: number of samples (default 96 / 48).", min=1)] = None,
-    data: Annotated[Path | None, typer.Option(help="omniref: metadata JSON; dreambench: the DreamBench folder.")] = None,
+    data: Annotated[Path | None, typer.Option(help="manifest: a JSONL manifest; omniref: metadata JSON; dreambench: the DreamBench folder.")] = None,
     root: Annotated[Path | None, typer.Option(help="omniref: folder the image paths are relative to.")] = None,
     rewards: Annotated[str | None, typer.Option(help="Metrics, comma-separated NAME or METRIC=REWARD (default: the suite's).")] = None,
     reward_option: Annotated[list[str] | None, typer.Option(help="METRIC.KEY=VALUE, repeatable, e.g. dino.checkpoint=/models/dino")] = None,
-    steps: Annotated[int | None, typer.Option(help="ODE steps (default 20).", min=1)] = None,
-    cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off; default 2).")] = None,
+    sampling_steps: SamplingStepsOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    shift: ShiftOpt = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the samples (refworld) and of the noise (default 0).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per generation / scoring batch (default 16).", min=1)] = None,
     force: Annotated[bool, typer.Option(help="Delete images generated with other settings and start over.")] = False,
     split: Annotated[str | None, typer.Option(help="refworld: train | val | test (default test: unseen identities).")] = None,
     level: Annotated[int | None, typer.Option(help="refworld: difficulty 0-2 (default 2).", min=0, max=2)] = None,
+    steps: OldStepsOpt = None,
+    cfg: OldCfgOpt = None,
 ) -> None:
     """Generate (cached: an interrupted eval resumes) and score a suite; writes OUT/eval.json.
 
     Every flag is an override of the config (`EvalConfig`): `refrl eval -c configs/eval-refworld.yaml
-    --ckpt runs/grpo --out runs/grpo/eval steps=40`."""
+    --ckpt runs/grpo --out runs/grpo/eval sampling.steps=40`. Works with accelerate launch (the
+    images are split across the processes; the same eval.json as one process)."""
     from refrl.eval.config import evaluate, load_eval_config
+    from refrl.eval.processes import processes_closed
+    from refrl.eval.summary import summary_lines
 
+    reject_old_sampler_flags(steps, cfg)
     flags = {"ckpt": ckpt, "suite": suite, "limit": limit, "n": n, "data": data, "root": root, "rewards": rewards,
-             "steps": steps, "cfg": cfg, "seed": seed, "batch_size": batch_size, "split": split, "level": level,
-             "force": force or None}
+             "sampling.steps": sampling_steps, "sampling.cfg_scale": cfg_scale, "sampling.shift": shift,
+             "seed": seed, "batch_size": batch_size, "split": split, "level": level, "force": force or None}
     eval_cfg = load_eval_config(config, list(overrides or []), flags, reward_option or [])
-    if out is None:
-        fail("Missing option '--out'")
-    res = evaluate(eval_cfg, out)
-    overall = res["metrics"]["overall"]
-    summary = ", ".join(f"{k} {v['mean']:.4g}" for k, v in overall.items() if isinstance(v, dict) and v["n"])
-    typer.echo(f"{res['suite']}: {res['n_images']} images ({res['generated']} generated); {summary}")
-    typer.echo(f"wrote {out / 'eval.json'}")
+    with processes_closed() as procs:
+        res = evaluate(eval_cfg, out, processes=procs)
+    if procs.is_main:
+        for line in summary_lines(res):
+            typer.echo(line)
+        typer.echo(f"wrote {out / 'eval.json'}")
 
 
 @app.command("report")
@@ -345,6 +422,71 @@ def ablate(
     typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
 
 
+WeightsConfigOpt = Annotated[str, typer.Option("--config", "-c", help="A preset's name or a YAML file (training or eval).")]
+
+
+@weights_app.command("list")
+def weights_list(
+    config: WeightsConfigOpt,
+    overrides: OverridesArg = None,
+    cache: Annotated[Path | None, typer.Option(help="A Hugging Face cache folder (default: HF_HUB_CACHE).", file_okay=False)] = None,
+) -> None:
+    """Every weight folder the config loads: hub id@revision, files, size (where known), present or missing. Offline."""
+    from refrl.weights import list_rows
+
+    rows = list_rows(config, list(overrides or []), cache)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else []
+    for row in rows:
+        typer.echo("  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=False)) + "  " + row[4])
+    missing = sum(r[4] == "missing" for r in rows)
+    typer.echo(f"{len(rows)} weight folders, {missing} missing" + (
+        f": fetch them where there is network with `refrl weights download --config {config}`" if missing else ""))
+
+
+@weights_app.command("download")
+def weights_download(
+    config: WeightsConfigOpt,
+    overrides: OverridesArg = None,
+    to: Annotated[Path | None, typer.Option(help="Download into this folder (a Hugging Face cache of its own) "
+                                            "instead of HF_HUB_CACHE.", **OUT_DIR)] = None,
+) -> None:
+    """Fetch the config's hub weights (huggingface_hub) into the cache or --to; for a login node with internet."""
+    from refrl.weights import download_all
+
+    download_all(config, list(overrides or []), to, echo=typer.echo)
+    if to is not None:
+        typer.echo(f"done; copy {to} to the machines without internet and set HF_HUB_CACHE={to} there "
+                   "(docs/guides/offline-weights.md)")
+
+
+@app.command("configs")
+def configs_cmd() -> None:
+    """List the shipped presets (give a name to --config from any folder), one line each."""
+    from refrl.presets import preset_names, preset_path, preset_summary
+
+    names = preset_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        typer.echo(f"{name:<{width}}  {preset_summary(preset_path(name))}")
+
+
+@app.command("plan")
+def plan_cmd(
+    config: Annotated[str, typer.Option("--config", "-c", help="A preset's name or a YAML file (SFT or RL).")],
+    overrides: OverridesArg = None,
+    gpus: Annotated[int, typer.Option(help="GPUs (processes) the run will use.", min=1, max=100_000)] = 1,
+    gpu_memory: Annotated[float, typer.Option("--gpu-memory", help="Memory of one GPU, GiB.", min=0.1, max=1e6)] = 80.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Memory per GPU of a training config, for data-parallel and FSDP2, full and LoRA (docs/guides/memory-plan.md)."""
+    import json
+
+    from refrl.plan.report import plan_config, render
+
+    plan = plan_config(config, list(overrides or []), gpus, gpu_memory)
+    typer.echo(json.dumps(plan, indent=2) if json_out else render(plan))
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -381,18 +523,21 @@ def run(argv: list[str] | None = None) -> int:
         code = app(args=argv, prog_name="refrl", standalone_mode=False)
     except RefrlError as exc:
         print_error(str(exc))
-        return EXIT_USER_ERROR
+        return exc.exit_code  # 2: the input; 1: the run failed (refrl.errors.RunFailure)
     except typer.Abort:
         print_error("aborted")
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
+    except KeyboardInterrupt as exc:  # a training run says where it stopped and how to resume
+        print_error(str(exc) or "interrupted")
         return EXIT_INTERRUPTED
     except MemoryError:
         print_error("out of memory")
         return EXIT_FAILURE
     except OSError as exc:  # the system refused: disk full, I/O error, a file vanished
         where = f": {exc.filename}" if exc.filename else ""
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a path the user chose is not writable
+            print_error(f"{exc.strerror}{where} (choose a path you can write, e.g. another --out)")
+            return EXIT_USER_ERROR
         print_error(f"{exc.strerror or exc}{where}")
         return EXIT_FAILURE
     except Exception as exc:
@@ -403,6 +548,8 @@ def run(argv: list[str] | None = None) -> int:
         else:
             print_error(_usage_error_line(exc))
         return int(getattr(exc, "exit_code", EXIT_USER_ERROR))
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C outside a training loop into 130, silently
+        print_error("interrupted")
     return code if isinstance(code, int) else 0
 
 

@@ -1,8 +1,9 @@
 """Typed configs: pydantic models, YAML presets and ``key=value`` overrides.
 
 Every trainer config is a pydantic model with ``extra="forbid"`` so a misspelt key
-is an error that names the key and the allowed keys. Presets live in ``configs/``;
-``load_config(Model, "configs/x.yaml", ["optim.lr=1e-4", "group_size=8"])`` reads
+is an error that names the key and the allowed keys. Presets ship in the package
+(`refrl.presets`; a bare name such as ``tiny-cpu-grpo`` or a YAML path both work);
+``load_config(Model, "tiny-cpu-grpo", ["optim.lr=1e-4", "group_size=8"])`` reads
 the preset, applies dotted overrides (values parsed as YAML, so ``true``, ``1e-4``
 and ``[a, b]`` work) and validates.
 """
@@ -16,27 +17,30 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from refrl.errors import ConfigError
+from refrl.errors import ConfigError, clip_text, quote
+from refrl.limits import MAX_CONFIG_BYTES, check_values, load_yaml
 
 M = TypeVar("M", bound=BaseModel)
+MAX_PROBLEMS = 10  # problems listed in one error line (10,000 unknown overrides: the first 10 and a count)
 
 
 class StrictModel(BaseModel):
-    """Base for configs: unknown keys are errors, assignments are validated."""
+    """Base for configs: unknown keys are errors, assignments are validated, floats are finite
+    (``nan``, ``inf``, ``1e400`` are refused: one would train a NaN model)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optim.lr=1e-4"`` -> (["optim", "lr"], 0.0001)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value")
+        raise ConfigError(f"override {quote(text)} is not of the form key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {quote(text)} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override {clip_text(key, 120)}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     # YAML reads 1e-4 as a string (it wants 1.0e-4); numbers are what users mean.
@@ -58,7 +62,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = node[k] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {k!r} is a value, not a section")
+                raise ConfigError(f"override {quote(text)}: {quote(k)} is a value, not a section")
             node = child
         node[keys[-1]] = value
     return data
@@ -87,20 +91,28 @@ def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[Any], Any]
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
     """One readable line per problem: the dotted key, what is wrong, the allowed values."""
     lines = []
-    for e in err.errors():
+    listed: set[int] = set()  # the allowed keys of a section are listed once
+    errors = err.errors()
+    for e in errors[:MAX_PROBLEMS]:
         parts, parent = _walk(model, tuple(e["loc"]))
-        key = ".".join(str(p) for p in parts) or "<root>"
+        key = clip_text(".".join(str(p) for p in parts) or "<root>", 120)
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and id(parent) in listed:
+            msg = "unknown key (allowed keys: as above)"
+        elif e["type"] == "extra_forbidden":
+            listed.add(id(parent))
             allowed = sorted(getattr(parent, "model_fields", {}).keys())
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
         else:
-            msg = f"{msg} (got {e.get('input')!r})"
+            msg = f"{msg} (got {quote(e.get('input'))})"
         lines.append(f"{source}: config key '{key}': {msg}")
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"and {len(errors) - MAX_PROBLEMS:,} more problems")
     return "; ".join(lines)
 
 
 def validate_config(model: type[M], data: dict[str, Any], source: str = "config") -> M:
+    check_values(data, source)  # non-finite numbers, huge ints and lists anywhere, free-form sections included
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -108,13 +120,17 @@ def validate_config(model: type[M], data: dict[str, Any], source: str = "config"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """The mapping in a YAML file; ``path`` may be a shipped preset's bare name (`refrl.presets`)."""
+    from refrl.presets import resolve_config
+
+    path = resolve_config(path)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes exceed the limit of {MAX_CONFIG_BYTES:,} for a config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+        raise ConfigError(clip_text(f"{path}: not valid YAML: {exc}".replace("\n", " "), 600)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
     return data
@@ -122,9 +138,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None) -> M:
     """Read a YAML preset (or start from the defaults), apply overrides, validate."""
-    data = read_yaml(path) if path is not None else {}
-    apply_overrides(data, list(overrides or []))
+    data = read_config(path, overrides)
     return validate_config(model, data, source=str(path) if path else "config")
+
+
+def read_config(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The preset at ``path`` (or no keys) with ``overrides`` applied, not validated yet. Parsing
+    is bounded (`refrl.limits`), so commands call this before importing torch: a hostile file
+    is refused at a small memory cost."""
+    data = read_yaml(path) if path is not None else {}
+    return apply_overrides(data, list(overrides or []))
 
 
 def env_int(name: str, default: int, minimum: int = 1) -> int:

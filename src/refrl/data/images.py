@@ -22,18 +22,29 @@ Images larger than `max_image_pixels()` (default `DEFAULT_MAX_IMAGE_PIXELS`, 50
 megapixels; the environment variable ``REFRL_MAX_IMAGE_PIXELS`` changes it) are refused
 from their header, before any pixel is decoded: a 12000x12000 PNG can be a few hundred
 KB on disk and needs gigabytes as a float tensor. `check_image_pixels` is the same check
-for images that arrive some other way (e.g. over HTTP).
+for images that arrive some other way (e.g. over HTTP). Pillow's own decompression-bomb
+guard is raised with that limit, so the variable really allows larger images.
+
+Memory: `load_image` reduces an image of more than `MAX_LOADED_PIXELS` (4096 x 4096)
+pixels by the smallest integer factor that brings it under that (a box filter, right
+after decoding; JPEGs are decoded at the reduced scale directly), so the float tensor of
+an image is at most 200 MB whatever the file. Every model and reward works at far lower
+resolutions. The peak of loading the largest image the default allows is measured by
+``benchmarks/image_memory.py`` and stated in docs/guides/reliability.md.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from refrl.errors import RefrlError
 from refrl.runfolder.files import atomic_writer
@@ -55,7 +66,11 @@ _PIL_TO_RGB_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 Size = int | tuple[int, int]
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # 50 MP (e.g. 8660x5773); 600 MB as a float32 RGB tensor
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # 50 MP (e.g. 8660x5773) in a file; decoded, then reduced (see below)
+# `load_image` reduces larger images to at most this many pixels: 4096x4096, 200 MB as a float32 RGB tensor.
+MAX_LOADED_PIXELS = 4096 * 4096
+# Pillow's decompression-bomb limit as Pillow ships it; `max_image_pixels` raises it to the refrl limit.
+_PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 0
 MAX_IMAGE_PIXELS_ENV = "REFRL_MAX_IMAGE_PIXELS"
 # ImageReadError.reason for a path with no file behind it.
 MISSING_FILE = "file not found"
@@ -74,7 +89,12 @@ def max_image_pixels() -> int:
     """The largest width x height accepted: ``$REFRL_MAX_IMAGE_PIXELS`` or `DEFAULT_MAX_IMAGE_PIXELS`."""
     from refrl.config import env_int
 
-    return env_int(MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS)
+    limit = env_int(MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS)
+    # Pillow refuses images over twice its MAX_IMAGE_PIXELS when opening them (and warns over it);
+    # at least our limit, so that a raised limit is not undone by Pillow's 179 M-pixel default.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = max(limit, _PILLOW_MAX_IMAGE_PIXELS)
+    return limit
 
 
 def check_image_pixels(width: int, height: int, source: str | os.PathLike = "image") -> None:
@@ -114,6 +134,22 @@ def _composite(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return color * alpha[..., None] + ALPHA_BACKGROUND * (1.0 - alpha[..., None])
 
 
+def _from_8bit(arr: np.ndarray, mode: str) -> torch.Tensor:
+    """Modes L, LA, RGB, RGBA as `from_pil` reads them: values / 255, alpha composited; float32
+    throughout (the same values as via float64: x / 255 rounds alike for every 8-bit x)."""
+    src = torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1)
+    unit = torch.empty(src.shape, dtype=torch.float32).copy_(src).div_(UINT8_MAX)
+    n_color = 3 if mode in ("RGB", "RGBA") else 1
+    color = unit[:n_color]
+    if mode in ("LA", "RGBA"):  # `_composite`, in place
+        alpha = unit[n_color]
+        color.mul_(alpha).add_((1.0 - alpha).mul_(ALPHA_BACKGROUND))
+    color.clamp_(0.0, 1.0)
+    if n_color == 1:
+        return color.expand(3, -1, -1).contiguous()
+    return color if n_color == unit.shape[0] else color.clone()
+
+
 def from_pil(image: Image.Image) -> torch.Tensor:
     """A PIL image of any supported mode -> float32 tensor (3, H, W) in [0, 1].
 
@@ -130,6 +166,8 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     elif mode in _PIL_TO_RGB_MODES:
         image, mode = image.convert("RGB"), "RGB"
 
+    if mode in ("L", "LA", "RGB", "RGBA"):  # the common 8-bit modes, in float32 only (no float64 copy)
+        return _from_8bit(np.array(image), mode)
     arr = np.asarray(image)
     if mode == "1":
         rgb = np.repeat(arr.astype(np.float32)[..., None], 3, axis=-1)
@@ -192,16 +230,74 @@ def resize(image: torch.Tensor, size: Size, mode: str = IMAGE_RESIZE_MODE) -> to
     return out.clamp_(0.0, 1.0)
 
 
-def _open_decoded(path: Path) -> Image.Image:
+def _bomb_error(path: Path, error: Exception) -> ImageReadError:
+    """Pillow's decompression-bomb refusal (an image over twice the limit), said as `check_image_pixels` says it."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1)):,} pixels" if found else "its size"
+    return ImageReadError(path, f"{size} exceed the limit of {max_image_pixels():,} pixels "
+                                f"(set {MAX_IMAGE_PIXELS_ENV} to allow larger images)")
+
+
+def reduce_factor(width: int, height: int, max_pixels: int = MAX_LOADED_PIXELS) -> int:
+    """The smallest integer f with ceil(width / f) * ceil(height / f) <= ``max_pixels`` (1: keep)."""
+    f = max(1, math.ceil(math.sqrt(width * height / max_pixels)))
+    while math.ceil(width / f) * math.ceil(height / f) > max_pixels:
+        f += 1
+    return f
+
+
+def _reduced(image: Image.Image, max_pixels: int, nearest: bool, file_size: tuple[int, int]) -> Image.Image:
+    """``image`` (of ``file_size``, or less when a JPEG was drafted) reduced to ``file_size`` / `reduce_factor`
+    (box filter; nearest for masks, so they stay binary)."""
+    f = reduce_factor(*file_size, max_pixels)
+    if f == 1:
+        return image
+    size = (math.ceil(file_size[0] / f), math.ceil(file_size[1] / f))
+    if nearest or image.size != file_size:  # a drafted JPEG: from its decoded scale to the same final size
+        return image.resize(size, Image.Resampling.NEAREST if nearest else Image.Resampling.BOX)
+    # Averaging palette indices or bits is meaningless: such modes become the mode `from_pil` makes of them.
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    return image.reduce(f)
+
+
+# EXIF orientations that turn the image by 90 degrees (transpose, rotate 270, transverse, rotate 90).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _open_decoded(path: Path, max_pixels: int | None = None, nearest: bool = False,
+                  size_only: bool = False) -> Image.Image | tuple[int, int]:
     """Open and fully decode (``load()``) an image, EXIF rotation applied; refuses images
-    over the pixel limit from the header, before decoding."""
+    over the pixel limit from the header, before decoding. With ``max_pixels``, a larger
+    image is reduced to at most that many (`_reduced`); JPEGs decode at a reduced scale.
+    With ``size_only``, the (width, height) a viewer shows, without the copy a rotation makes."""
     if not path.is_file():
         raise ImageReadError(path, MISSING_FILE)
+    max_image_pixels()  # raises Pillow's guard to the limit
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice it; `check_image_pixels` refuses such images itself.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             check_image_pixels(*im.size, source=path)
+            file_size = im.size
+            if max_pixels is not None and im.width * im.height > max_pixels and im.format == "JPEG":
+                f = reduce_factor(*im.size, max_pixels)
+                im.draft(None, (math.ceil(im.width / f), math.ceil(im.height / f)))  # scale 1/2, 1/4 or 1/8
             im.load()
+            if size_only:
+                turned = im.getexif().get(ExifTags.Base.Orientation) in _SWAPPING_ORIENTATIONS
+                return (im.height, im.width) if turned else im.size
+            if max_pixels is not None:
+                return ImageOps.exif_transpose(_reduced(im, max_pixels, nearest, file_size))
             return ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(path, e) from None
     except _DECODE_ERRORS as e:
         raise ImageReadError(path, f"cannot decode ({type(e).__name__}: {e})") from e
 
@@ -211,26 +307,32 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
 
     Raises ImageReadError (a RefrlError) when the file is missing or undecodable.
     """
-    return _open_decoded(Path(path)).size
+    size = _open_decoded(Path(path), size_only=True)
+    assert isinstance(size, tuple)
+    return size
 
 
-def load_image(path: str | os.PathLike, size: Size | None = None) -> torch.Tensor:
+def load_image(path: str | os.PathLike, size: Size | None = None, nearest: bool = False) -> torch.Tensor:
     """Load an image file as float32 (3, H, W) in [0, 1], optionally resized (bicubic, antialiased).
 
-    Raises ImageReadError (a RefrlError) naming the file when it is missing or corrupt.
+    An image of more than `MAX_LOADED_PIXELS` is reduced first (module doc); ``nearest``
+    reduces by nearest neighbour instead of averaging (masks). Raises ImageReadError (a
+    RefrlError) naming the file when it is missing or corrupt.
     """
     path = Path(path)
-    image = _open_decoded(path)
+    image = _open_decoded(path, MAX_LOADED_PIXELS, nearest)
+    assert isinstance(image, Image.Image)
     try:
         tensor = from_pil(image)
     except ValueError as e:
         raise ImageReadError(path, str(e)) from e
+    del image  # the decoded pixels, before a resize allocates more
     return tensor if size is None else resize(tensor, size)
 
 
 def load_mask(path: str | os.PathLike, size: Size | None = None) -> torch.Tensor:
     """Load a mask as float32 (1, H, W) in [0, 1]: RGB masks reduce by luma; resize is nearest."""
-    rgb = load_image(path)
+    rgb = load_image(path, nearest=True)
     weights = torch.tensor(LUMA_WEIGHTS, dtype=rgb.dtype).view(3, 1, 1)
     mask = (rgb * weights).sum(0, keepdim=True).clamp_(0.0, 1.0)
     return mask if size is None else resize(mask, size, mode=MASK_RESIZE_MODE)

@@ -1,6 +1,6 @@
 """The ``dreambench`` suite: the DreamBooth evaluation protocol on the DreamBench layout.
 
-Protocol (Ruiz et al., DreamBooth, CVPR 2023; METHODS.md section 6): 30 subjects x
+Protocol (Ruiz et al., DreamBooth, CVPR 2023; docs/reference/methods.md#evaluation-protocols): 30 subjects x
 25 prompts, **4 images per prompt** (4 noise seeds), and
 
 * DINO  = mean pairwise cosine of DINO ViT-S/16 CLS embeddings between each generated

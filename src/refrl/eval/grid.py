@@ -11,6 +11,9 @@ from PIL import Image, ImageDraw
 
 LABEL_HEIGHT = 11
 PAD = 2
+# Longest side of a cell in pixels: a larger image (e.g. a 50 M-pixel reference) is shrunk to it, so that a grid
+# costs memory of the order of its cells' count, not of its largest input.
+MAX_CELL = 512
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -29,8 +32,21 @@ def sample_row(
     return row
 
 
+def _cell(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """``image`` as shown: unchanged when ``scale`` x its size fits `MAX_CELL`, else shrunk to fit (antialiased)."""
+    h, w = image.shape[-2:]
+    if max(h, w) * scale <= MAX_CELL:
+        return image
+    f = MAX_CELL / (max(h, w) * scale)
+    size = (max(1, round(h * f)), max(1, round(w * f)))
+    return torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True,
+                                           align_corners=False)[0]
+
+
 def make_grid(rows: Sequence[Sequence[tuple[str, torch.Tensor]]], scale: int = 3) -> Image.Image:
-    """Rows of (label, image) cells, each image upscaled ``scale``x nearest-neighbour."""
+    """Rows of (label, image) cells, each image upscaled ``scale``x nearest-neighbour (cells of at most
+    `MAX_CELL` pixels a side: larger images are shrunk first)."""
+    rows = [[(label, _cell(im, scale)) for label, im in row] for row in rows]
     cells = [c for row in rows for c in row]
     if not cells:
         raise ValueError("make_grid: no images")

@@ -11,12 +11,13 @@ from typing import Any
 
 from refrl.errors import RefrlError
 from refrl.eval.artifacts import PatchGridShare
-from refrl.eval.scoring import MaskedPSNR
+from refrl.eval.scoring import MaskedPSNR, TargetPSNR
 from refrl.rewards.base import Reward
 
 BUILTIN_METRICS: dict[str, Callable[[], Reward]] = {
     "psnr_inside": lambda: MaskedPSNR("inside"),
     "psnr_outside": lambda: MaskedPSNR("outside"),
+    "psnr": TargetPSNR,  # whole image to the ground-truth target
     "patch_grid": PatchGridShare,  # lower is better: the dot-grid artefact of RL (refrl.eval.artifacts)
 }
 

@@ -28,6 +28,8 @@ from refrl.errors import RefrlError
 from refrl.eval import plots
 from refrl.eval.html import _e, _fmt, _img, _table, html_page
 from refrl.eval.report import _eval_tables, _metric_names, _read_jsonl, describe_run, find_evals
+from refrl.eval.validation_report import split_records
+from refrl.limits import load_yaml
 
 OVERLAY_FILE = "report-overlay.html"
 TRAINED_MEAN_KEY = "trained rewards, mean"
@@ -70,11 +72,12 @@ def _load_run(path: Path) -> dict[str, Any]:
     config: dict[str, Any] = {}
     if cfg_path.is_file():
         try:
-            loaded = yaml.safe_load(cfg_path.read_text())
+            loaded = load_yaml(cfg_path.read_text(), str(cfg_path))  # bounded: no aliases (refrl.limits)
         except yaml.YAMLError as e:
             raise RefrlError(f"cannot read {cfg_path}: {e}") from None
         config = loaded if isinstance(loaded, dict) else {}
     records = _read_jsonl(metrics_path) if metrics_path.is_file() else []
+    records = split_records(records)[0]  # training lines; validation lines are drawn by `refrl report`
     evals = find_evals(path)
     if not records and not evals:
         raise RefrlError(f"{path} holds no metrics.jsonl and no eval.json to compare")

@@ -171,3 +171,32 @@ def overlay_curves_png(series: Mapping[str, Sequence[tuple[float, Mapping[str, A
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     return _png(fig)
+
+
+def validation_png(records: Sequence[Mapping[str, Any]], best_step: int | None = None, prefix: str = "val/",
+                   title: str | None = None) -> bytes | None:
+    """Validation curves (``metrics.jsonl`` lines of kind ``validation``): one panel per ``val/*`` metric,
+    the best checkpoint's step marked (a dashed line and a star), validations that failed the guard as x."""
+    keys = sorted({k for r in records for k, v in r.items() if k.startswith(prefix) and _finite(v)})
+    if not keys:
+        return None
+    fig, axes = _panels(len(keys), title)
+    for ax, key in zip(axes, keys, strict=True):
+        pts = [(r["step"], float(r[key]), r.get("guard_pass", True)) for r in records if _finite(r.get(key))]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker=".", linewidth=1.2, color="C0")
+        failed = [(x, y) for x, y, ok in pts if not ok]
+        if failed:
+            ax.scatter(*zip(*failed, strict=True), marker="x", color="C3", zorder=3, label="failed the guard")
+        if best_step is not None:
+            ax.axvline(best_step, color="C2", linestyle="--", linewidth=1.0)
+            at = [(x, y) for x, y, _ in pts if x == best_step]
+            if at:
+                ax.scatter(*zip(*at, strict=True), marker="*", s=90, color="C2", zorder=4, label=f"best (step {best_step})")
+        ax.set_title(key[len(prefix):], fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    return _png(fig)

@@ -33,6 +33,8 @@ from refrl.errors import RefrlError
 from refrl.eval import plots
 from refrl.eval.grid import sample_row, save_grid
 from refrl.eval.html import FLOAT_DIGITS, _e, _fmt, _img, _table, html_page
+from refrl.eval.validation_report import VALIDATION_DIR, split_records, validation_html
+from refrl.limits import load_yaml
 
 REPORT_FILE = "report.html"
 GRIDS_DIR = "grids"
@@ -109,6 +111,8 @@ def find_evals(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     run_dir = Path(run_dir)
     out = {}
     for label, path in find_files(run_dir, "eval.json", EVAL_SEARCH_DEPTH).items():
+        if label.split("/")[-2:-1] == [VALIDATION_DIR]:  # validation during training: drawn as curves
+            continue
         ev = _read_json(path)
         if isinstance(ev, dict) and "metrics" in ev:
             ev["_dir"] = str(path.parent)
@@ -142,7 +146,7 @@ def _config_section(configs: Mapping[str, Path]) -> tuple[str, list[str]]:
     parts, sentences = [], []
     for label, path in configs.items():
         try:
-            cfg = yaml.safe_load(path.read_text()) or {}
+            cfg = load_yaml(path.read_text(), str(path)) or {}  # bounded: no aliases (refrl.limits)
         except yaml.YAMLError as e:
             raise RefrlError(f"cannot read {path}: {e}") from None
         sentence = describe_run(cfg) if isinstance(cfg, dict) else "A run folder."
@@ -177,6 +181,13 @@ def _delta(a: float | None, b: float | None) -> str:
     return f'<span class="{cls}">{d:+.{FLOAT_DIGITS - 1}g}</span>'
 
 
+def _sampler(ev: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """Steps, guidance and shift of an eval.json (``sampling``; top-level ``steps`` / ``cfg`` /
+    ``shift`` in files written before the section existed)."""
+    s = ev.get("sampling") or {}
+    return (s.get("steps", ev.get("steps")), s.get("cfg_scale", ev.get("cfg")), s.get("shift", ev.get("shift")))
+
+
 def _eval_tables(evals: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]) -> str:
     labels = list(evals)
     header = ["metric", *(_e(lb) for lb in labels)] + (["change"] if len(labels) > 1 else [])
@@ -186,9 +197,9 @@ def _eval_tables(evals: Mapping[str, Mapping[str, Any]], metrics: Sequence[str])
         counts = [(ev["metrics"]["overall"].get(m) or {}).get("n", 0) for ev in evals.values()]
         cells = [f"{_fmt(v)} <span class='muted'>(n={c})</span>" for v, c in zip(vals, counts, strict=True)]
         rows.append([_e(m), *cells] + ([_delta(vals[0], vals[-1])] if len(labels) > 1 else []))
-    info = _table(["evaluation", "suite", "checkpoint", "samples", "images", "steps", "cfg", "seed"],
+    info = _table(["evaluation", "suite", "checkpoint", "samples", "images", "steps", "cfg_scale", "shift", "seed"],
                   [[_e(lb), _e(ev.get("suite")), _e(ev.get("ckpt")), _fmt(ev.get("n")), _fmt(ev.get("n_images")),
-                    _fmt(ev.get("steps")), _fmt(ev.get("cfg")), _fmt(ev.get("seed"))] for lb, ev in evals.items()],
+                    *(_fmt(v) for v in _sampler(ev)), _fmt(ev.get("seed"))] for lb, ev in evals.items()],
                   left=3)
     parts = [info, "<h3>Mean score per metric</h3>", _table(header, rows)]
     categories = sorted({c for ev in evals.values() for c in ev["metrics"].get("by_category", {})})
@@ -330,11 +341,12 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         sections.append(("grids", "Samples", body))
     curves = []
     for label, path in metrics_files.items():
-        records = _read_jsonl(path)
+        records, val = split_records(_read_jsonl(path))  # training lines; validation lines (their own curves)
         png = plots.curves_png(records, title=f"{label}: {path.name} ({len(records)} records)")
         if png:
             curves.append(_img(png, f"{label} curves"))
-    if curves:
+        curves.append(validation_html(label, path.parent, val))
+    if any(curves):
         sections.append(("curves", "Training curves", "".join(curves)))
     if ablation:
         sections.append(("ablation", "Ablation", ablation))

@@ -1,11 +1,12 @@
 """The eval runner (``refrl eval``): build a suite by name, generate its images, score them.
 
-Suites: ``refworld`` and ``refine`` (`refrl.eval.refworld`), ``omniref``
-(`refrl.eval.omniref`) and ``dreambench`` (`refrl.eval.dreambench`); what a suite is:
+Suites: ``refworld`` and ``refine`` (`refrl.eval.refworld`), ``manifest`` (any manifest,
+`refrl.eval.manifest_suite`), ``omniref`` (`refrl.eval.omniref`) and ``dreambench``
+(`refrl.eval.dreambench`); what a suite is:
 `refrl.eval.suite`; which rewards score it: `refrl.eval.metrics`.
 
 The runner caches generation: each image is written to ``DIR/images/<image_id>.png``
-(the id made safe by `refrl.runfolder.files.safe_filename`) as soon as its batch is done, and a rerun with the same checkpoint, seed, steps, cfg
+(the id made safe by `refrl.runfolder.files.safe_filename`) as soon as its batch is done, and a rerun with the same checkpoint, seed, sampler
 and suite parameters (``DIR/eval_meta.json``) generates only the missing ones, so an
 interrupted eval resumes; a cached PNG that does not decode (a torn write) is generated
 again. Rewards always score the PNGs, so a resumed eval gives
@@ -23,6 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +32,21 @@ import torch
 from tqdm.auto import tqdm
 
 from refrl.errors import RefrlError
+from refrl.eval.processes import Processes, batches
 from refrl.eval.refworld import DEFAULT_N, refine_suite, refworld_suite
 from refrl.eval.scoring import aggregate, score_images
 from refrl.eval.suite import DEFAULT_IMAGE_SIZE, EvalItem, Suite
 from refrl.models.policy import Policy
+from refrl.models.sampler import SamplerSettings
 from refrl.rewards.base import Reward
 from refrl.runfolder.files import atomic_write_text
 from refrl.runfolder.layout import resolve_checkpoint
 from refrl.runfolder.lock import lock_run_folder
+from refrl.sampling.settings import resolve_sampler
 
 log = logging.getLogger(__name__)
 
-SUITE_NAMES = ("refworld", "omniref", "dreambench", "refine")
-DEFAULT_STEPS = 20  # METHODS.md: 20-40 denoising steps for evaluation
-DEFAULT_CFG = 2.0
+SUITE_NAMES = ("refworld", "manifest", "omniref", "dreambench", "refine")
 DEFAULT_BATCH_SIZE = 16
 GRID_ROWS = 16
 
@@ -74,6 +77,14 @@ def build_suite(name: str, *, seed: int = 0, n: int | None = None, limit: int | 
         if data is None:
             raise RefrlError("suite 'omniref' needs --data: the OmniRef-Bench metadata JSON (benchmark.json)")
         return omniref_suite(data, root=root, limit=limit, size=size)
+    if name == "manifest":
+        from refrl.eval.manifest_suite import manifest_suite
+
+        if data is None:
+            raise RefrlError("suite 'manifest' needs --data: a JSONL manifest (see `refrl data validate`)")
+        if root is not None:
+            raise RefrlError("suite 'manifest' takes no --root: image paths are relative to the manifest's folder")
+        return manifest_suite(data, limit=limit, size=size)
     if name == "dreambench":
         from refrl.eval.dreambench import dreambench_suite
 
@@ -128,20 +139,23 @@ def _check_meta(out: Path, meta: dict[str, Any], force: bool) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _generate_missing(policy: Policy, suite: Suite, images_dir: Path, missing: list[EvalItem], seed: int,
-                      steps: int, cfg: float, shift: float, batch_size: int, progress: bool) -> None:
+def _generate(policy: Policy, suite: Suite, images_dir: Path, missing: list[EvalItem], seed: int,
+              sampler: SamplerSettings, batch_size: int, progress: bool, procs: Processes) -> None:
+    """Generate this process's batches of ``missing`` (batch k: process k mod N) into ``images_dir``."""
     from refrl.data.images import save_image
     from refrl.sampling.rollout import sample_ode
 
+    mine = [chunk for k, chunk in enumerate(batches(missing, batch_size)) if procs.share(k)]
     done = len(suite.items) - len(missing)
-    with tqdm(total=len(suite.items), initial=done, desc=f"eval {suite.name}", unit="img", disable=not progress) as bar:
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start : start + batch_size]
-            images = sample_ode(policy, [it.sample for it in chunk], steps=steps, cfg_scale=cfg, shift=shift,
-                                seed=seed, indices=[it.noise_index for it in chunk], size=suite.size)
+    with tqdm(total=len(suite.items), initial=done, desc=f"eval {suite.name}", unit="img",
+              disable=not progress or not procs.is_main) as bar:
+        for chunk in mine:
+            images = sample_ode(policy, [it.sample for it in chunk], steps=sampler.steps, cfg_scale=sampler.cfg_scale,
+                                shift=sampler.shift, seed=seed, indices=[it.noise_index for it in chunk],
+                                size=suite.size)
             for it, im in zip(chunk, images, strict=True):
                 save_image(im, images_dir / it.file_name)
-            bar.update(len(chunk))
+            bar.update(min(len(chunk) * procs.world, bar.total - bar.n))  # the main process's view of all
 
 
 def _grid_rows(items: Sequence[EvalItem], images: Sequence[torch.Tensor]) -> list[list[tuple[str, torch.Tensor]]]:
@@ -159,29 +173,46 @@ def run_eval(
     ckpt: str = "",
     ckpt_stamp: Mapping[str, Any] | None = None,
     seed: int = 0,
-    steps: int = DEFAULT_STEPS,
-    cfg: float = DEFAULT_CFG,
-    shift: float = 1.0,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    shift: float | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     force: bool = False,
     progress: bool = True,
     reward_names: Mapping[str, str] | None = None,
     reward_options: Mapping[str, Any] | None = None,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """Generate the suite's missing images, score every image, write eval.json / samples.jsonl / grid.png.
 
-    ``policy`` may be a zero-argument loader, called only when some image is missing.
-    Holds the lock of ``out_dir`` (`refrl.runfolder.lock.lock_run_folder`). Returns the eval.json contents.
+    ``steps`` / ``cfg_scale`` / ``shift`` left None are the policy's
+    (`refrl.sampling.settings.resolve_sampler`). ``policy`` may be a zero-argument loader, called
+    only when some image is missing or a sampler value must come from the model. Under
+    ``accelerate launch`` (``processes=refrl.eval.processes.current()``) the batches are
+    split across the processes and the main one writes the files; every process returns the
+    eval.json contents. Without ``processes`` it runs in this process alone. The main process
+    holds the lock of ``out_dir`` (`refrl.runfolder.lock.lock_run_folder`).
     """
     if batch_size < 1:
         raise RefrlError(f"batch_size must be >= 1, got {batch_size}")
     ids = [it.image_id for it in suite.items]
     if len(set(ids)) != len(ids):
         raise RefrlError(f"suite {suite.name!r} has duplicate image ids; every image needs its own id")
-    with lock_run_folder(out_dir):
-        return _run_eval(policy, suite, Path(out_dir), metrics=metrics, ckpt=ckpt, ckpt_stamp=ckpt_stamp, seed=seed,
-                         steps=steps, cfg=cfg, shift=shift, batch_size=batch_size, force=force, progress=progress,
-                         reward_names=reward_names, reward_options=reward_options)
+    procs = processes or Processes()
+    loaded: list[Policy] = []
+
+    def get_policy() -> Policy:
+        if not loaded:
+            loaded.append(policy() if callable(policy) and not hasattr(policy, "velocity") else policy)
+        return loaded[0]
+
+    given = SamplerSettings(steps, cfg_scale, shift) if None not in (steps, cfg_scale, shift) else None
+    sampler = given or resolve_sampler(get_policy(), steps, cfg_scale, shift)
+    with ExitStack() as held:  # the main process holds the folder's lock; the others write nothing there
+        procs.run(lambda: held.enter_context(lock_run_folder(out_dir)), main_only=True)
+        return _run_eval(get_policy, suite, Path(out_dir), metrics=metrics, ckpt=ckpt, ckpt_stamp=ckpt_stamp,
+                         seed=seed, sampler=sampler, batch_size=batch_size, force=force, progress=progress,
+                         reward_names=reward_names, reward_options=reward_options, procs=procs)
 
 
 def _cached(images_dir: Path, item: EvalItem) -> bool:
@@ -200,38 +231,56 @@ def _cached(images_dir: Path, item: EvalItem) -> bool:
     return True
 
 
-def _run_eval(policy, suite: Suite, out: Path, *, metrics, ckpt, ckpt_stamp, seed, steps, cfg, shift, batch_size,
-              force, progress, reward_names, reward_options) -> dict[str, Any]:
+def _prepare(suite: Suite, out: Path, meta: dict[str, Any], force: bool) -> list[int]:
+    """Main process: check and write the cache's settings; the positions of the items to generate."""
+    _check_meta(out, meta, force)
+    (out / IMAGES_DIR).mkdir(exist_ok=True)
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return [i for i, it in enumerate(suite.items) if not _cached(out / IMAGES_DIR, it)]
+
+
+def _score(suite: Suite, images_dir: Path, metrics: Mapping[str, Reward], seed: int, batch_size: int,
+           procs: Processes) -> list[tuple[int, list[dict[str, Any]]]]:
+    """This process's scored batches (batch k: process k mod N) as (k, records)."""
+    from refrl.data.images import load_image
+
+    out = []
+    for k, chunk in enumerate(batches(suite.items, batch_size)):
+        if not procs.share(k):
+            continue
+        images = torch.stack([load_image(images_dir / it.file_name) for it in chunk])
+        recs = score_images(images, [it.scored for it in chunk], metrics)
+        out.append((k, [{"image_id": it.image_id, **rec, "seed": seed, "noise_index": it.noise_index,
+                         **it.record, "prompt": it.sample.prompt} for it, rec in zip(chunk, recs, strict=True)]))
+    return out
+
+
+def _run_eval(get_policy: Callable[[], Policy], suite: Suite, out: Path, *, metrics, ckpt, ckpt_stamp, seed,
+              sampler: SamplerSettings, batch_size, force, progress, reward_names, reward_options,
+              procs: Processes) -> dict[str, Any]:
     from refrl.data.images import load_image
     from refrl.eval.grid import save_grid
 
     images_dir = out / IMAGES_DIR
-    meta = json_clean({"suite": suite.name, "ckpt": str(ckpt), **dict(ckpt_stamp or {}), "seed": seed, "steps": steps,
-                       "cfg": cfg, "shift": shift, "size": list(suite.size), "params": suite.params})
-    _check_meta(out, meta, force)
-    images_dir.mkdir(exist_ok=True)
-    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    # the cache's settings keep their first names, so folders evaluated before still resume
+    meta = json_clean({"suite": suite.name, "ckpt": str(ckpt), **dict(ckpt_stamp or {}), "seed": seed,
+                       "steps": sampler.steps, "cfg": sampler.cfg_scale, "shift": sampler.shift,
+                       "size": list(suite.size), "params": suite.params})
+    missing_at = procs.broadcast(procs.run(lambda: _prepare(suite, out, meta, force), main_only=True))
+    missing = [suite.items[i] for i in missing_at]
 
     t0 = time.perf_counter()
-    missing = [it for it in suite.items if not _cached(images_dir, it)]
     if missing:
-        loaded = policy() if callable(policy) and not hasattr(policy, "velocity") else policy
-        _generate_missing(loaded, suite, images_dir, missing, seed, steps, cfg, shift, batch_size, progress)
+        procs.run(lambda: _generate(get_policy(), suite, images_dir, missing, seed, sampler, batch_size, progress,
+                                    procs))
     t_generate = time.perf_counter() - t0
 
-    records: list[dict[str, Any]] = []
-    first_images: list[torch.Tensor] = []
-    for start in range(0, len(suite.items), batch_size):
-        chunk = suite.items[start : start + batch_size]
-        images = torch.stack([load_image(images_dir / it.file_name) for it in chunk])
-        recs = score_images(images, [it.scored for it in chunk], metrics)
-        for it, rec in zip(chunk, recs, strict=True):
-            records.append({"image_id": it.image_id, **rec, "seed": seed, "noise_index": it.noise_index,
-                            **it.record, "prompt": it.sample.prompt})
-        first_images.extend(images[: max(0, GRID_ROWS - len(first_images))])
+    scored = procs.run(lambda: _score(suite, images_dir, metrics, seed, batch_size, procs))
+    records = [r for _, recs in sorted(b for part in procs.gather(scored) for b in part) for r in recs]
     t_score = time.perf_counter() - t0 - t_generate
 
     names = list(metrics)
+    summary = aggregate(records, names, group_keys=suite.group_keys)
     result = {
         "suite": suite.name,
         "ckpt": str(ckpt),
@@ -239,20 +288,25 @@ def _run_eval(policy, suite: Suite, out: Path, *, metrics, ckpt, ckpt_stamp, see
         "n": suite.n_samples,
         "n_images": len(suite.items),
         "images_per_sample": len(suite.items) // max(1, suite.n_samples),
-        "steps": steps,
-        "cfg": cfg,
-        "shift": shift,
+        "sampling": sampler.as_dict(),
         "size": list(suite.size),
         "protocol": suite.protocol,
         "params": suite.params,
         "rewards": dict(reward_names or {m: m for m in names}),
         "reward_options": dict(reward_options or {}),
+        "scored": {m: summary["overall"][m]["n"] for m in names},
         "generated": len(missing),
         "cached": len(suite.items) - len(missing),
-        "metrics": aggregate(records, names, group_keys=suite.group_keys),
+        "metrics": summary,
+        "processes": procs.world,
         "seconds": {"generate": round(t_generate, 3), "score": round(t_score, 3)},
     }
-    atomic_write_text(out / SAMPLES_FILE, "".join(json.dumps(json_clean(r)) + "\n" for r in records))
-    atomic_write_text(out / EVAL_FILE, json.dumps(json_clean(result), indent=2) + "\n")
-    save_grid(_grid_rows(suite.items[:GRID_ROWS], first_images), out / GRID_FILE)
+
+    def write() -> None:
+        atomic_write_text(out / SAMPLES_FILE, "".join(json.dumps(json_clean(r)) + "\n" for r in records))
+        atomic_write_text(out / EVAL_FILE, json.dumps(json_clean(result), indent=2) + "\n")
+        first = suite.items[:GRID_ROWS]
+        save_grid(_grid_rows(first, [load_image(images_dir / it.file_name) for it in first]), out / GRID_FILE)
+
+    procs.run(write, main_only=True)
     return result

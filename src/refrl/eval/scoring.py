@@ -14,6 +14,7 @@ import torch
 from refrl.data.schema import LoadedSample
 from refrl.rewards.base import Reward, RewardOutput
 
+NO_CATEGORY = "(none)"  # the bucket of samples without a category (as `refrl data validate` counts them)
 BUCKETS: tuple[tuple[str, int, int], ...] = (("1-2", 1, 2), ("3-4", 3, 4), ("5-7", 5, 7))
 
 
@@ -58,7 +59,7 @@ def aggregate(
     keys = ("category", "n_refs", "bucket", *group_keys)
     by: dict[str, dict[str, list]] = {k: defaultdict(list) for k in keys}
     for r in records:
-        by["category"][str(r["category"])].append(r)
+        by["category"][NO_CATEGORY if r["category"] is None else str(r["category"])].append(r)
         by["n_refs"][str(r["n_refs"])].append(r)
         by["bucket"][bucket_of(int(r["n_refs"]))].append(r)
         for k in group_keys:
@@ -130,12 +131,37 @@ class MaskedPSNR:
             if s.target is None or s.mask is None:
                 scores.append(float("nan"))
                 continue
-            target = s.target
-            if target.shape[-2:] != image.shape[-2:]:
-                target = torch.nn.functional.interpolate(target[None], size=image.shape[-2:], mode="bilinear",
-                                                         antialias=True, align_corners=False)[0]
+            target = target_at_size(s.target, image)
             mask = s.mask
             if mask.shape[-2:] != image.shape[-2:]:
                 mask = torch.nn.functional.interpolate(mask[None].float(), size=image.shape[-2:], mode="nearest")[0]
             scores.append(psnr(region_mse(image, target, mask, self.region)))
+        return RewardOutput(scores=torch.tensor(scores, dtype=torch.float32))
+
+
+def target_at_size(target: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``target`` resized (bilinear, antialiased) to ``image``'s height and width, if they differ."""
+    if target.shape[-2:] == image.shape[-2:]:
+        return target
+    return torch.nn.functional.interpolate(target[None], size=image.shape[-2:], mode="bilinear",
+                                           antialias=True, align_corners=False)[0]
+
+
+class TargetPSNR:
+    """PSNR of the whole image to the sample's target (its ground truth), as a `Reward`.
+
+    ``PSNR = 10 log10(1 / MSE)`` over every pixel (`psnr`); NaN for samples without a
+    target. A gold metric of RefWorld, whose every sample knows the image it asks for.
+    """
+
+    name = "psnr"
+
+    def __call__(self, images: torch.Tensor, samples: Sequence[LoadedSample]) -> RewardOutput:
+        scores = []
+        for image, s in zip(images, samples, strict=True):
+            if s.target is None:
+                scores.append(float("nan"))
+                continue
+            target = target_at_size(s.target, image)
+            scores.append(psnr(float(((image.float() - target.float()) ** 2).mean())))
         return RewardOutput(scores=torch.tensor(scores, dtype=torch.float32))

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from refrl.config import StrictModel
 from refrl.errors import ConfigError, RefrlError
+from refrl.limits import MAX_DEPTH
 
 
 class ModelOptions(StrictModel):
@@ -26,8 +27,8 @@ class ModelOptions(StrictModel):
 
     kind: str
     init: str | None = Field(None, description="start from this checkpoint (tiny-sft, run or checkpoint folder)")
-    lora_rank: int = Field(0, ge=0, description="0 = full fine-tune; >0 = LoRA of this rank (peft)")
-    lora_alpha: float | None = Field(None, description="default: equal to the rank")
+    lora_rank: int = Field(0, ge=0, le=MAX_DEPTH * 4, description="0 = full fine-tune; >0 = LoRA of this rank (peft)")
+    lora_alpha: float | None = Field(None, gt=0, le=1e6, description="default: equal to the rank")
     lora_targets: list[str] | None = Field(None, description="LoRA target module suffixes (None: the kind's default)")
     frozen: list[str] = Field(
         default_factory=list,

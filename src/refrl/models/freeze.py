@@ -16,7 +16,7 @@ def freeze_modules(network: nn.Module, prefixes: Sequence[str], key: str = "mode
     as ``head``, or a dotted sub-module such as ``blocks.4``).
 
     Why: RL on the tiny DiT moved its output head, whose weights are shared by every
-    patch, into a texture repeated at the patch period (docs/methods.md, "The dot grid").
+    patch, into a texture repeated at the patch period (docs/research/grpo.md#the-dot-grid-where-it-comes-from-how-to-measure-it-how-to-avoid-it).
     A prefix that names no parameter is a `ConfigError` naming ``key`` and the modules.
     """
     params = dict(network.named_parameters())

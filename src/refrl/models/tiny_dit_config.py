@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from refrl.config import StrictModel
 from refrl.data.schema import REFERENCE_TYPES
+from refrl.limits import MAX_DEPTH, MAX_IMAGE_SIZE, MAX_TOKENS, MAX_WIDTH
 
 # Sinusoidal sigma features of the network (also needed to count its parameters).
 SIGMA_FREQ_DIM = 256
@@ -23,16 +24,16 @@ SIGMA_FREQ_DIM = 256
 class TinyDiTArch(StrictModel):
     """The architecture choices of the tiny DiT (the ``model:`` keys of kind ``tiny-dit``)."""
 
-    image_size: int = Field(32, ge=1, description="generated image size (square)")
-    patch: int = Field(4, ge=1, description="image patch size")
-    ref_size: int = Field(32, ge=1, description="references are resized to this square size")
-    ref_patch: int = Field(8, ge=1, description="reference patch size")
-    width: int = Field(256, ge=1)
-    depth: int = Field(6, ge=1)
-    heads: int = Field(4, ge=1)
-    mlp_ratio: int = Field(4, ge=1)
-    max_refs: int = Field(8, ge=0)
-    max_text_len: int = Field(48, ge=0)
+    image_size: int = Field(32, ge=1, le=MAX_IMAGE_SIZE, description="generated image size (square)")
+    patch: int = Field(4, ge=1, le=MAX_IMAGE_SIZE, description="image patch size")
+    ref_size: int = Field(32, ge=1, le=MAX_IMAGE_SIZE, description="references are resized to this square size")
+    ref_patch: int = Field(8, ge=1, le=MAX_IMAGE_SIZE, description="reference patch size")
+    width: int = Field(256, ge=1, le=MAX_WIDTH, description="token width")
+    depth: int = Field(6, ge=1, le=MAX_DEPTH, description="transformer blocks")
+    heads: int = Field(4, ge=1, le=MAX_DEPTH, description="attention heads")
+    mlp_ratio: int = Field(4, ge=1, le=MAX_DEPTH, description="MLP hidden width / width")
+    max_refs: int = Field(8, ge=0, le=MAX_TOKENS, description="reference slots (index embeddings)")
+    max_text_len: int = Field(48, ge=0, le=MAX_TOKENS, description="prompt tokens kept")
     use_ref_cache: bool = Field(True, description="compute the condition's keys/values once per sample")
     # "x0": the head predicts the clean image and v = (x - x0_hat) / max(sigma, floor).
     # Pixel-space denoisers learn x-prediction much faster than v-prediction (Li & He

@@ -22,15 +22,16 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from refrl.data.schema import REFERENCE_TYPES, LoadedSample, canonical_reference_type
-from refrl.errors import RefrlError
+from refrl.errors import RefrlError, clip_text
 from refrl.models.inputs import drop_flags, resize_square
+from refrl.models.sampler import SamplerDefaults
 from refrl.models.tiny_dit import ConditionInputs, TinyDiT, TinyDiTCondition, TinyDiTConfig
 from refrl.models.tokenizer import WordTokenizer
 from refrl.runfolder.files import save_safetensors
+from refrl.runfolder.readers import read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -40,6 +41,10 @@ ADAPTER_CONFIG_NAME = "adapter.json"
 # Every attention and MLP linear of both streams (``kv`` is the last condition layer's).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("qkv", "kv", "proj", "fc1", "fc2")
 _ADAPTER = "default"
+# The tiny DiT's sampler: every RefWorld result in docs/ was evaluated with 20 steps, CFG 2 and
+# no shift, and trained from 10-step rollouts without guidance (the presets may say otherwise).
+TINY_DIT_SAMPLER = SamplerDefaults(steps=20, cfg_scale=2.0, shift=1.0, rollout_steps=10, rollout_cfg_scale=1.0,
+                                   source="the tiny DiT (refrl.models.tiny_dit_policy.TINY_DIT_SAMPLER)")
 
 
 class TinyDiTPolicy(nn.Module):
@@ -65,6 +70,10 @@ class TinyDiTPolicy(nn.Module):
     @property
     def image_size(self) -> int:
         return self.net.config.image_size
+
+    def sampler_defaults(self) -> SamplerDefaults:
+        """The sampler eval, generate and RL rollouts use where no key sets it (`TINY_DIT_SAMPLER`)."""
+        return TINY_DIT_SAMPLER
 
     @property
     def use_ref_cache(self) -> bool:
@@ -147,6 +156,12 @@ class TinyDiTPolicy(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.net.parameters() if p.requires_grad)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """FSDP2 sharding units, root last (`refrl.train.sharding`): each condition block, the
+        last condition layer, each image block, then the network (its embeddings and head)."""
+        net = self.net
+        return [*net.cond_blocks, net.cond_last, *net.blocks, net]
+
     @property
     def has_lora(self) -> bool:
         return self._peft is not None
@@ -228,12 +243,12 @@ class TinyDiTPolicy(nn.Module):
             raise RefrlError(f"{directory / CONFIG_NAME}: {e}") from None
         policy = cls(WordTokenizer.load(directory / TOKENIZER_NAME), config)
         try:
-            policy.net.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+            policy.net.load_state_dict(read_safetensors(directory / WEIGHTS_NAME))  # one line if truncated
         except RuntimeError as e:
-            raise RefrlError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {e}") from None
+            raise RefrlError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {clip_text(str(e), 300)}") from None
         if (directory / ADAPTER_CONFIG_NAME).exists():
             policy.enable_lora(**json.loads((directory / ADAPTER_CONFIG_NAME).read_text()))
-            adapter = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
+            adapter = read_safetensors(directory / ADAPTER_WEIGHTS_NAME)
             missing, unexpected = policy.net.load_state_dict(adapter, strict=False)
             missing = [k for k in missing if ".lora_" in k]
             if missing or unexpected:

@@ -1,4 +1,4 @@
-"""OmniRefiner's patch-wise reward, composed from pure parts (METHODS.md section 5).
+"""OmniRefiner's patch-wise reward, composed from pure parts (docs/reference/methods.md#omnirefiner-patch-reward-and-refinement).
 
 OmniRefiner rewards perceptual similarity to the ground truth per patch and over the
 whole image (DreamSim embeddings) plus masked pixel accuracy. The paper does not

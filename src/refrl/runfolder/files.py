@@ -25,7 +25,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from refrl.errors import RefrlError
+from refrl.errors import RefrlError, RunFailure, clip_text
 
 # Characters kept in file names made from data; anything else (path separators, "..",
 # control characters, spaces) becomes "_" and the name gets a hash of the original.
@@ -155,6 +155,48 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_failure_reason(exc: BaseException) -> str | None:
+    """Why a write failed, for the errors that libraries raise instead of ``OSError``:
+    safetensors' ``SafetensorError`` (``IoError(Os { code: 28, ... message: "No space left on
+    device" })``) and torch.save's ``RuntimeError`` (``PytorchStreamWriter failed writing
+    file ...: file write failed``, or ``[enforce fail at inline_container.cc] . unexpected
+    pos``, without an errno). None: not a write failure."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    torch_writer = isinstance(exc, RuntimeError) and any(k in text for k in ("StreamWriter", "inline_container"))
+    if type(exc).__name__ == "SafetensorError" or torch_writer:
+        found = re.search(r'message: "([^"]+)"', text)
+        code = re.search(r"(?:code: |os error )(\d+)", text)
+        if found:
+            return found.group(1)
+        if code:
+            return os.strerror(int(code.group(1)))
+        return f"the write failed ({clip_text(text.splitlines()[0] if text else type(exc).__name__, 160)}; is the disk full?)"
+    return None
+
+
+@contextlib.contextmanager
+def checkpoint_write_errors(folder: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write of the checkpoint ``folder`` (disk full, quota, I/O error; raised by
+    safetensors and torch as their own errors) into one `RunFailure` line (exit 1). Wrap it
+    around `atomic_dir`, which has removed the half-written folder by then, so the earlier
+    checkpoints stay the latest (docs/guides/reliability.md)."""
+    try:
+        yield
+    except Exception as exc:
+        reason = _write_failure_reason(exc)
+        if reason is None:
+            raise
+        from refrl.runfolder.layout import latest_checkpoint
+
+        folder = Path(folder)
+        latest = latest_checkpoint(folder.parent)
+        kept = f"{latest} is still the latest checkpoint" if latest else "no earlier checkpoint exists"
+        raise RunFailure(f"could not write checkpoint {folder}: {reason}; nothing of it was kept and {kept}; "
+                         "free space (or fix the folder) and continue with --resume") from None
 
 
 def safe_filename(name: str, reserved: Collection[str] = ()) -> str:

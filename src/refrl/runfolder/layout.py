@@ -15,7 +15,9 @@ Names a user can pass wherever a checkpoint is taken (`resolve_checkpoint`):
 * ``tiny-sft`` — the SFT checkpoint shipped inside the package (RefWorld, 32 px);
 * a run folder (``runs/NAME``) — its latest checkpoint;
 * a checkpoint folder (``runs/NAME/checkpoints/step-N``) or a policy folder
-  (anything with a ``config.json`` written by ``save_pretrained``).
+  (anything with a ``config.json`` written by ``save_pretrained``);
+* ``runs/NAME:best`` — the best checkpoint by validation (``validation.keep_best``): the
+  policy in ``runs/NAME/best/``, with ``best.json`` saying which step it is and why.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ CHECKPOINTS_DIR = "checkpoints"
 STEP_PREFIX = "step-"
 POLICY_DIR = "policy"
 POLICY_CONFIG = "config.json"  # every policy's save_pretrained writes it
+BEST_SUFFIX = ":best"  # RUN:best
+BEST_DIR = "best"  # the best checkpoint's policy (validation.keep_best)
+BEST_FILE = "best.json"  # which step it is, by which criterion; or why there is none
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {"tiny-sft": ASSETS / "tiny-sft"}
@@ -61,9 +66,35 @@ def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def best_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The policy folder of ``RUN:best`` (``RUN/best``); a one-line error when the run kept none."""
+    import json
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RefrlError(f"run folder not found: {run} (in {run}{BEST_SUFFIX})")
+    info_path = run / BEST_FILE
+    if not info_path.is_file():
+        raise RefrlError(f"{run}{BEST_SUFFIX}: the run kept no best checkpoint (no {BEST_FILE}; "
+                         "train with validation.keep_best set)")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RefrlError(f"{info_path}: not readable JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("step") is None:
+        reason = info.get("reason") if isinstance(info, dict) else None
+        raise RefrlError(f"{run}{BEST_SUFFIX}: no best checkpoint: {reason or 'none was recorded'}")
+    path = run / BEST_DIR
+    if not (path / POLICY_CONFIG).is_file():
+        raise RefrlError(f"{run}{BEST_SUFFIX}: {BEST_FILE} names step {info['step']} but {path} holds no policy")
+    return path
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """The policy folder (``config.json`` inside) that a ``--ckpt`` value names."""
     key = str(name_or_path)
+    if key.endswith(BEST_SUFFIX) and not Path(key).exists():
+        return best_checkpoint(key[: -len(BEST_SUFFIX)])
     if key in SHIPPED:
         path = SHIPPED[key]
         if not (path / POLICY_CONFIG).is_file():

@@ -61,10 +61,24 @@ def lock_run_folder(path: str | os.PathLike, option: str = "--out") -> Iterator[
     ends in any way (``kill -9`` included), so a leftover lock file never blocks
     ``--resume``. Re-entrant within a process.
     """
+    created = not Path(path).exists()
     folder = prepare_out_dir(path, option)
     lock_path = (folder / LOCK_FILE).resolve()
     _acquire(lock_path, folder)
     try:
         yield folder
-    finally:
+    except BaseException:
         _release(lock_path)
+        if created:  # a command that failed before writing anything leaves no empty folder behind
+            _remove_if_empty(folder)
+        raise
+    else:
+        _release(lock_path)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Delete ``folder`` if it holds nothing but the lock file (best effort: never raises)."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()

@@ -27,6 +27,7 @@ class Trajectory:
     next_latents: torch.Tensor  # (B, S, *latent): after it
     log_probs: torch.Tensor  # (B, S) float32: log-prob of each SDE step under the rollout policy
     final: torch.Tensor  # (B, *latent): the denoised latents
+    means: torch.Tensor | None = None  # (B, S, *latent): each SDE step's Gaussian mean (keep_means=True)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Rollout:
     latents: torch.Tensor | None = None  # (N, S, *latent)
     next_latents: torch.Tensor | None = None  # (N, S, *latent)
     log_probs: torch.Tensor | None = None  # (N, S)
+    step_means: torch.Tensor | None = None  # (N, S, *latent): the rollout policy's step means (GRPO-Guard)
     # what the objective's `prepare` adds before any update (matching: training times `t`, old outputs `old`)
     prepared: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -166,6 +168,7 @@ def rollout_sde(
     noise_level: float,
     cfg_scale: float,
     step_noise: torch.Tensor,
+    keep_means: bool = False,
 ) -> Trajectory:
     """Denoise ``x`` along ``sigmas``; stochastic at ``sde_steps``, Euler ODE elsewhere.
 
@@ -174,12 +177,12 @@ def rollout_sde(
     does not depend on how the batch is split across processes.
 
     With no SDE step (S = 0) this is the Euler ODE sampler and the per-step tensors of
-    the `Trajectory` are empty.
+    the `Trajectory` are empty. ``keep_means`` also returns each SDE step's Gaussian mean.
     """
     from refrl.sampling.sde import gaussian_log_prob, sde_step
 
     sde_index = {s: j for j, s in enumerate(sde_steps)}
-    before, after, logps = [], [], []
+    before, after, logps, means = [], [], [], []
     b = x.shape[0]
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -190,10 +193,13 @@ def rollout_sde(
             before.append(x)
             after.append(x_next)
             logps.append(gaussian_log_prob(x_next, mean, std))
+            if keep_means:
+                means.append(mean)
             x = x_next
         else:
             x = ode_step(x, v, s, s_next)
     if not sde_index:
         empty = x.new_zeros((b, 0, *x.shape[1:]))
         return Trajectory(empty, empty, x.new_zeros((b, 0), dtype=torch.float32), x)
-    return Trajectory(torch.stack(before, 1), torch.stack(after, 1), torch.stack(logps, 1), x)
+    return Trajectory(torch.stack(before, 1), torch.stack(after, 1), torch.stack(logps, 1), x,
+                      torch.stack(means, 1) if keep_means else None)

@@ -3,7 +3,7 @@
 Convention (see ``refrl.models.policy``): ``x_sigma = (1 − sigma)·x0 + sigma·noise``
 and the policy predicts ``v = noise − x0``; a step goes from ``sigma`` to
 ``sigma_next < sigma``. The SDE steps make the sampler a Gaussian policy
-``x' ~ N(mean, std²)`` so GRPO can compute PPO ratios (METHODS.md section 1).
+``x' ~ N(mean, std²)`` so GRPO can compute PPO ratios (docs/reference/methods.md#flow-grpo-sde-sampling-and-ppo-clip).
 
 ``sigma`` / ``sigma_next`` may be Python floats, 0-d tensors or per-sample
 tensors of shape (B,); they are broadcast over the non-batch dimensions.
@@ -122,7 +122,7 @@ def sde_step(
     """One stochastic step from ``sigma`` to ``sigma_next``; returns ``(prev_sample, log_prob, mean, std)``.
 
     ``kind`` is one of ``SDE_KINDS`` (formulas in the private ``_flow_sde``, ``_dance_sde``,
-    ``_cps`` docstrings; METHODS.md section 1). ``noise_level`` is a (flow-sde, cps) or
+    ``_cps`` docstrings; docs/reference/methods.md#flow-grpo-sde-sampling-and-ppo-clip). ``noise_level`` is a (flow-sde, cps) or
     η (dance-sde). ``sigma_max`` only matters for flow-sde at sigma = 1.
 
     * ``mean`` (float32, shape of ``x``) and ``std`` (float32, shape (B, 1, ..., 1)) define

@@ -1,4 +1,4 @@
-"""Customized-GRPO's reward shaping: SARS and TDW (METHODS.md section 3).
+"""Customized-GRPO's reward shaping: SARS and TDW (docs/reference/methods.md#customized-grpo-sars-and-tdw).
 
 Two rewards per sample: prompt following ``h`` (HPS role) and identity ``d``
 (DINO-Seg role), each normalized within its group; SARS adds a synergy bonus,

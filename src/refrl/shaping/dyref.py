@@ -1,4 +1,4 @@
-"""DyRef's reward shaping for multi-reference generation: DRS and DAR (METHODS.md section 4)."""
+"""DyRef's reward shaping for multi-reference generation: DRS and DAR (docs/reference/methods.md#dyref-drs-and-dar)."""
 
 from __future__ import annotations
 

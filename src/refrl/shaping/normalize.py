@@ -1,4 +1,4 @@
-"""Group-relative advantages from one or several rewards (METHODS.md section 2).
+"""Group-relative advantages from one or several rewards (docs/reference/methods.md#advantages-group-normalization-gdpo-missing-rewards).
 
 Missing rewards are NaN. :func:`fill_missing` applies the chosen rule:
 
@@ -142,7 +142,7 @@ def gdpo_combine(
     eps_floor: float = GDPO_STD_FLOOR,
     clip: float = ADVANTAGE_CLIP,
 ) -> torch.Tensor:
-    """GDPO aggregation as used by DyRef (METHODS.md section 2).
+    """GDPO aggregation as used by DyRef (docs/reference/methods.md#advantages-group-normalization-gdpo-missing-rewards).
 
     Per reward k: ``A_k = (r_k − mean_g) / max(std_g, eps_floor)`` with the group's
     population std; ``A = Σ_k w_k·A_k``; then over the whole (gathered) batch

@@ -39,35 +39,39 @@ from refrl.shaping import (
 
 
 class DRSConfig(StrictModel):
-    reward: str = "fidelity"
-    tau: float = 0.65
-    k_mode: Literal["increase", "decrease", "const"] = "increase"
+    reward: str = Field("fidelity", description="the similarity reward DRS rescales")
+    tau: float = Field(0.65, description="threshold of sigmoid(k (s - tau))")
+    k_mode: Literal["increase", "decrease", "const"] = Field("increase", description="k from the reference count n")
 
 
 class DARConfig(StrictModel):
     reward: str = Field("fidelity", description="its raw similarity (extra raw_similarity if present) drives the weights")
-    gamma: float = 2.0
-    w_min: float = 0.5
-    w_max: float = 5.0
-    ref_count_beta: float | None = None
+    gamma: float = Field(2.0, description="w = (1 - mean similarity)^gamma")
+    w_min: float = Field(0.5, description="lowest group weight")
+    w_max: float = Field(5.0, description="highest group weight")
+    ref_count_beta: float | None = Field(None, description="optional factor (n/3)^beta (off in the released code)")
 
 
 class AdvantageConfig(StrictModel):
-    kind: Literal["weighted", "gdpo", "sars"] = "weighted"
-    std: Literal["group", "global"] = "group"
-    eps: float = 1e-4
-    clip: float = 5.0
-    nan_rule: Literal["mean", "exclude"] = "mean"
+    kind: Literal["weighted", "gdpo", "sars"] = Field(
+        "weighted", description="weighted sum then group norm; GDPO (DyRef); SARS (Customized-GRPO)"
+    )
+    std: Literal["group", "global"] = Field("group", description="normalize by the group's std or the batch's")
+    eps: float = Field(1e-4, gt=0, description="added to the std")
+    clip: float = Field(5.0, gt=0, description="advantages clipped to +-clip")
+    nan_rule: Literal["mean", "exclude"] = Field(
+        "mean", description="a reward that does not apply (NaN): the mean of its valid values, or left out"
+    )
     # Customized-GRPO (kind=sars)
-    prompt_reward: str = "layout"
-    identity_reward: str = "identity"
-    sars_gamma: float = 0.4
-    sars_mode: Literal["tanh", "min", "max", "harmonic", "tanh_only"] = "tanh"
-    tdw: bool = False
-    fixed_weights: tuple[float, float] = (1.0, 1.0)
+    prompt_reward: str = Field("layout", description="sars: the prompt-following reward (h)")
+    identity_reward: str = Field("identity", description="sars: the identity reward (d)")
+    sars_gamma: float = Field(0.4, description="sars: bonus scale gamma")
+    sars_mode: Literal["tanh", "min", "max", "harmonic", "tanh_only"] = Field("tanh", description="sars: the bonus form")
+    tdw: bool = Field(False, description="sars: time-aware weights of the two rewards by trained step (TDW)")
+    fixed_weights: tuple[float, float] = Field((1.0, 1.0), description="sars without tdw: weights of (prompt, identity)")
     # DyRef
-    drs: DRSConfig | None = None
-    dar: DARConfig | None = None
+    drs: DRSConfig | None = Field(None, description="DyRef's discriminative reward scaling; off when unset")
+    dar: DARConfig | None = Field(None, description="DyRef's difficulty-aware reweighting; off when unset")
 
 
 @dataclass

@@ -27,15 +27,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from refrl.errors import RefrlError
-from refrl.runfolder.files import atomic_dir, save_safetensors
+from refrl.runfolder.files import atomic_dir, checkpoint_write_errors, save_safetensors
 from refrl.runfolder.layout import (
     checkpoint_dir,
     list_checkpoints,
     resolve_checkpoint,
 )
+from refrl.runfolder.readers import checkpoint_advice, read_json, read_safetensors, read_torch
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,7 +68,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``ckpt_root/step-N`` atomically and return its path."""
     final = checkpoint_dir(ckpt_root, step)
-    with atomic_dir(final) as tmp:
+    with checkpoint_write_errors(final), atomic_dir(final) as tmp:  # a full disk: one line, exit 1
         save_policy(tmp / "policy")
         if ema_state is not None:
             save_safetensors({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
@@ -85,12 +85,17 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any]]:
     """(trainer_state, ema_state or None, info) of a checkpoint folder."""
     path = Path(path)
-    if not (path / "state.json").is_file():
-        raise RefrlError(f"{path} is not a checkpoint (no state.json)")
-    info = json.loads((path / "state.json").read_text())
-    trainer_state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    # each file missing, truncated or corrupt is one line naming it and what to do (refrl.runfolder.readers)
+    info = read_json(path / "state.json")
+    if not isinstance(info.get("step"), int):
+        raise RefrlError(f"{path / 'state.json'}: no integer 'step'; {checkpoint_advice(path / 'state.json')}")
+    trainer_state = read_torch(path / "trainer.pt")
+    lacking = [k for k in ("scheduler", "rng") if not isinstance(trainer_state, dict) or k not in trainer_state]
+    if lacking:
+        raise RefrlError(f"{path / 'trainer.pt'}: not a trainer state (no {', '.join(lacking)}); "
+                         f"{checkpoint_advice(path / 'trainer.pt')}")
     ema_path = path / "ema.safetensors"
-    ema = load_file(str(ema_path)) if ema_path.is_file() else None
+    ema = read_safetensors(ema_path) if ema_path.is_file() else None
     return trainer_state, ema, info
 
 
@@ -98,9 +103,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
 def load_trainable(named: list[tuple[str, torch.nn.Parameter]], ckpt: str | Path) -> None:
     """Copy ``trainable.safetensors`` of a checkpoint into the given parameters."""
     path = Path(ckpt) / "trainable.safetensors"
-    if not path.is_file():
-        raise RefrlError(f"{ckpt}: no trainable.safetensors, cannot resume from it")
-    state = load_file(str(path))
+    state = read_safetensors(path)
     missing = [k for k, _ in named if k not in state]
     if missing or len(state) != len(named):
         # the trainable set comes from model.frozen and model.lora_rank: a run resumed with
@@ -109,7 +112,8 @@ def load_trainable(named: list[tuple[str, torch.nn.Parameter]], ckpt: str | Path
                          "expected); resume with the model.frozen and model.lora_rank the run started with")
     for k, p in named:
         if state[k].shape != p.shape:
-            raise RefrlError(f"{ckpt}: weight {k} has shape {tuple(state[k].shape)}, model expects {tuple(p.shape)}")
+            raise RefrlError(f"{ckpt}: weight {k} has shape {tuple(state[k].shape)}, model expects {tuple(p.shape)}; "
+                             "resume with the model architecture (model.*) the run started with")
         p.copy_(state[k])
 
 

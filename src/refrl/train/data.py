@@ -17,18 +17,20 @@ from pydantic import Field, field_validator
 from refrl.config import StrictModel
 from refrl.data.schema import LoadedSample
 from refrl.errors import RefrlError
+from refrl.limits import MAX_IMAGE_SIZE
 
 
 class DataConfig(StrictModel):
-    source: Literal["refworld", "manifest"] = "refworld"
+    source: Literal["refworld", "manifest"] = Field("refworld", description="the embedded world, or your manifest")
     manifest: str | None = Field(None, description="JSONL manifest when source=manifest")
-    split: Literal["train", "val", "test"] = "train"
-    size: int = Field(32, ge=1, description="image size the samples are rendered / resized to")
-    categories: list[str] | None = None
-    max_refs: int = Field(7, ge=1, le=8)
+    split: Literal["train", "val", "test"] = Field("train", description="refworld: test has unseen subject identities")
+    size: int = Field(32, ge=1, le=MAX_IMAGE_SIZE, description="image size the samples are rendered / resized to")
+    categories: list[str] | None = Field(None, max_length=1024, description="refworld: only these categories")
+    max_refs: int = Field(7, ge=1, le=8, description="most references per sample")
     # (fraction of training done, RefWorld level): simple solid-colour scenes first,
-    # patterns and textured backgrounds later (DESIGN.md: the world must be learnable).
-    curriculum: list[tuple[float, int]] = [(0.0, 0), (0.2, 1), (0.45, 2)]
+    # patterns and textured backgrounds later (docs/research/refworld.md#why-the-world-looks-the-way-it-does).
+    curriculum: list[tuple[float, int]] = Field([(0.0, 0), (0.2, 1), (0.45, 2)], max_length=1024,
+                                                description="refworld: [fraction of training, level 0-2] pairs")
 
     @field_validator("curriculum")
     @classmethod

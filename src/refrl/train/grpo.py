@@ -25,7 +25,6 @@ or samples) and rewards given as registered names, `Reward` objects or plain fun
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -44,7 +43,7 @@ from refrl.runfolder.rng import seeded_generator
 from refrl.sampling.rollout import Rollout, choose_sde_steps, encode_for_guidance, rollout_sde
 from refrl.sampling.schedules import sigma_schedule
 from refrl.train.advantages import compute_advantages
-from refrl.train.grpo_config import GRPOConfig, RewardSpec
+from refrl.train.grpo_config import GRPOConfig, RewardSpec, with_model_sampler
 from refrl.train.loop import Dataset, LoopSpec, TrainLoop, main_process_lock
 from refrl.train.objectives import build_objective
 
@@ -116,6 +115,7 @@ class GRPOTrainer(TrainLoop):
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        self.cfg = with_model_sampler(self.cfg, self.policy)  # unset sampling keys: the model's; config.yaml records them
         self.source = self.sample_source()
         given, weights = self._given_rewards
         if given is None:
@@ -145,10 +145,18 @@ class GRPOTrainer(TrainLoop):
                     raise RefrlError(
                         "kl_reference=adapter needs a LoRA policy (model.lora_rank>0); use kl_reference=copy or auto"
                     ) from None
-        ref = copy.deepcopy(self.policy)
-        for p in ref.trainable_parameters():
-            p.requires_grad_(False)
-        return ref
+        return self.frozen_copy()
+
+    def wants_frozen_copy(self) -> bool:
+        if self.cfg.beta_kl <= 0 or self.cfg.kl_reference == "adapter":
+            return False
+        if self.cfg.kl_reference == "copy":
+            return True
+        try:  # auto: a copy only without an adapter
+            with self.policy.adapter_disabled():
+                return False
+        except NotImplementedError:
+            return True
 
     def extra_state(self) -> dict[str, Any]:
         return {"objective": self.objective.state_dict()}
@@ -189,7 +197,7 @@ class GRPOTrainer(TrainLoop):
             cond = self.policy.select_condition(cond, rep)
             uncond = None if uncond is None else self.policy.select_condition(uncond, rep)
             traj = rollout_sde(self.policy, cond, uncond, x0, sigmas, sde_steps, sc.sde_kind, sc.noise_level,
-                               sc.cfg_scale, step_noise)
+                               sc.cfg_scale, step_noise, keep_means=self.cfg.grpo_guard.enabled)
             images = self.policy.decode(traj.final)
         expanded = [s for s in local_samples for _ in range(g_size)]
         t_reward = time.perf_counter()
@@ -209,6 +217,8 @@ class GRPOTrainer(TrainLoop):
         if self.objective.needs_sde_steps:  # the log-prob-free objectives keep no per-step data
             ro.latents, ro.next_latents = self.dist.gather(traj.latents), self.dist.gather(traj.next_latents)
             ro.log_probs = self.dist.gather(traj.log_probs)
+            if traj.means is not None:  # GRPO-Guard's old means
+                ro.step_means = self.dist.gather(traj.means)
         return ro
 
     def _as_reference(self):
@@ -256,7 +266,7 @@ class GRPOTrainer(TrainLoop):
                 # averaged over the accumulated minibatches, so the step size does not grow with accumulation
                 (total / accumulate).backward()
                 if (m + 1) % accumulate == 0:
-                    self.optimizer_step()
+                    self.optimizer_step(loss=float(total.detach()))
                 stats["loss"].append(float(total.detach()))
                 stats["ratio_mean"].append(float(r.mean()))
                 stats["ratio_max"].append(float(r.max()))

@@ -24,6 +24,7 @@ A trainer subclass fills in:
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from refrl.config import dump_config
 from refrl.data.schema import LoadedSample
-from refrl.errors import RefrlError
+from refrl.errors import Interrupted, RefrlError
 from refrl.models.build import ModelConfig, build_policy, check_image_size
 from refrl.models.policy import Policy
 from refrl.runfolder.layout import latest_checkpoint
@@ -53,10 +54,15 @@ from refrl.train.checkpoint import (
     set_rng_state,
 )
 from refrl.train.data import DataConfig, SampleSource
+from refrl.train.dcp import load_sharded, save_sharded_checkpoint
 from refrl.train.distributed import Dist
 from refrl.train.ema import EMA
+from refrl.train.finite import FiniteGuard
 from refrl.train.optim import build_optimizer
+from refrl.train.resume_check import check_same_model
 from refrl.train.run import MetricsWriter
+from refrl.train.sharding import build_sharding, release
+from refrl.train.validation import build_validation
 
 # What a trainer takes as its data besides the config's `data` section: a manifest path, or samples.
 Dataset = str | Path | Sequence[LoadedSample]
@@ -129,14 +135,21 @@ class TrainLoop:
             self.policy.train()
         else:
             self.policy.eval()
+        self.sharding = build_sharding(cfg, self.dist)  # distributed.strategy=fsdp2 (refrl.train.sharding)
+        self._frozen = None
+        if self.sharding is not None:  # a frozen copy (KL reference) cannot be taken once sharded
+            self._frozen = self.sharding.shard_frozen_copy(self.policy) if self.wants_frozen_copy() else None
+            self.sharding.shard(self.policy)
         self.named = [(f"p{i}", p) for i, p in enumerate(self.policy.trainable_parameters())]
         self.params = [p for _, p in self.named]
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg.optim, spec.total)
+        self.finite = FiniteGuard(self.dist, cfg.optim.nonfinite_limit, self.ckpt_root)  # refrl.train.finite
         self.ema = EMA(self.named, spec.ema_decay, warmup=spec.ema_warmup)
         self.init_sha = init_fingerprint(cfg.model.init) if policy is None else None
         self._dataset = None if dataset is None else list(dataset)
         self.start = 0
         self.setup()
+        self.validation = build_validation(self)  # validation.every > 0 (refrl.train.validation)
 
     # ------------------------------------------------------------------ the subclass's part
     def loop_spec(self) -> LoopSpec:
@@ -160,19 +173,37 @@ class TrainLoop:
         """What the progress bar shows after a step."""
         return {}
 
+    def wants_frozen_copy(self) -> bool:
+        """Whether `frozen_copy` will be called (asked before the policy is sharded)."""
+        return False
+
+    def frozen_copy(self) -> Policy:
+        """A frozen copy of the policy as built (e.g. the KL reference of a full fine-tune)."""
+        if self._frozen is not None:
+            return self._frozen
+        ref = copy.deepcopy(self.policy)
+        for p in ref.trainable_parameters():
+            p.requires_grad_(False)
+        return ref
+
     # ------------------------------------------------------------------ helpers for steps
     def sample_source(self, need_target: str | None = None) -> SampleSource:
         """Batches from the given dataset, else from ``cfg.data`` (a pure function of (seed, step))."""
         return SampleSource(self.cfg.data, seed=self.cfg.seed, total_steps=self.spec.total, need_target=need_target,
                             samples=self._dataset)
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, loss: float | None = None) -> float:
         """Average the gradients over processes, clip them, step the optimizer, update the EMA.
 
-        Returns the gradient norm before clipping.
+        A non-finite ``loss`` (this process's, when given) or gradient skips the step
+        (`refrl.train.finite.FiniteGuard`). Returns the gradient norm before clipping.
         """
-        self.dist.average_gradients(self.params)
+        if self.sharding is None:  # FSDP2 reduces (averages) gradients itself, in backward
+            self.dist.average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        if not self.finite.step_ok(norm, loss, self.params, step=self.scheduler.last_epoch + 1):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         self.optimizer.step()
         self.ema.update()
         return float(norm)
@@ -192,11 +223,15 @@ class TrainLoop:
     def _load_latest(self) -> int:
         """Load the latest checkpoint into this trainer (weights, optimizer, schedule, RNG, EMA, extra state);
         returns its step. Refuses a run started from other weights than ``model.init`` holds now."""
+        check_same_model(self.out_dir, self.cfg.model)  # a changed model.width is named, not a weight mismatch
         last = latest_checkpoint(self.ckpt_root)
         trainer_state, ema_state, info = load_checkpoint(last)
         check_same_init(info, self.init_sha, self.cfg.model.init, self.out_dir)
-        load_trainable(self.named, last)
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        if self.sharding is not None:  # weights, optimizer and EMA from the sharded checkpoint
+            load_sharded(last, self.sharding.root, self.optimizer, self.ema)
+        else:
+            load_trainable(self.named, last)
+            self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         set_rng_state(trainer_state["rng"])
         if ema_state is not None:
@@ -206,6 +241,9 @@ class TrainLoop:
 
     def checkpoint(self, done: int) -> Path | None:
         """Write ``checkpoints/step-<done>`` (main process; the loadable policy carries the EMA weights)."""
+        self.finite.check_saveable(self.params, self.ema.shadow.values(), done)  # never a non-finite checkpoint
+        if self.sharding is not None:
+            return save_sharded_checkpoint(self, done)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": rng_state(), **self.extra_state()}
         path = None
@@ -228,11 +266,22 @@ class TrainLoop:
         lock (`refrl.runfolder.lock.lock_run_folder`) for the whole run; only it writes there."""
         with main_process_lock(self.out_dir):
             self._check_run_folder()  # again, now that this process holds the folder
-            if self.resume:
-                self.start = self._load_latest()
-            if self.dist.is_main:
-                dump_config(self.cfg, self.out_dir / "config.yaml")
-            return self._loop()
+            try:
+                if self.resume:
+                    self.start = self._load_latest()
+                if self.dist.is_main:
+                    dump_config(self.cfg, self.out_dir / "config.yaml")
+                return self._loop()
+            finally:
+                if self.sharding is not None:  # a clean exit: free model, optimizer, mesh, then the process group
+                    release(self, keep=("cfg", "spec", "out_dir", "ckpt_root", "history", "start"))
+
+    def _log_line(self, line: dict[str, Any], metrics: MetricsWriter | None, trackers: bool) -> None:
+        """Write a line that is not a step's (a validation) into metrics.jsonl and the trackers."""
+        if metrics is not None:
+            metrics.write(line)
+        if trackers:
+            self.dist.accelerator.log({k: v for k, v in line.items() if isinstance(v, float | int)}, step=line["step"])
 
     def _loop(self) -> Path | None:
         spec, main = self.spec, self.dist.is_main
@@ -240,7 +289,9 @@ class TrainLoop:
         metrics = MetricsWriter(self.out_dir / "metrics.jsonl", truncate_after_step=self.start) if main else None
         trackers = bool(spec.trackers) and main
         if trackers:
-            self.dist.accelerator.init_trackers(f"refrl-{spec.kind}", config=self.cfg.model_dump(mode="json"))
+            from refrl.train.trackers import flat_config  # TensorBoard's hparams take scalars only
+
+            self.dist.accelerator.init_trackers(f"refrl-{spec.kind}", config=flat_config(self.cfg.model_dump(mode="json")))
         interrupted = {"flag": False}
 
         def on_sigint(signum, frame):  # finish the step, save, then stop
@@ -251,11 +302,14 @@ class TrainLoop:
                    disable=not main, dynamic_ncols=True)
         path = None
         try:
+            if self.validation is not None:  # validation lines go where training lines go
+                self.validation.begin(self.start, lambda line: self._log_line(line, metrics, trackers))
             for i in bar:
                 record = self.step(i)
                 self.scheduler.step()
                 done = i + 1
-                record = {"step": done, **record, "lr": self.scheduler.get_last_lr()[0], "processes": self.dist.world}
+                record = {"step": done, **record, "lr": self.scheduler.get_last_lr()[0], "processes": self.dist.world,
+                          "skipped_nonfinite": self.finite.pop_skipped()}
                 self.history.append(record)
                 bar.set_postfix(self.postfix(record))
                 if self.logs_at(done):
@@ -266,10 +320,19 @@ class TrainLoop:
                                                   step=done)
                 # every process stops at the same step, or the others would wait at a barrier forever
                 stop = self.dist.max_across(float(interrupted["flag"])) > 0
-                if done % spec.checkpoint_every == 0 or done == spec.total or stop:
+                guard_stop = False  # a guard rule with action=stop (refrl.train.guard)
+                if self.validation is not None and self.validation.due(done):
+                    guard_stop = self.dist.max_across(float(self.validation.validate(done))) > 0
+                if done % spec.checkpoint_every == 0 or done == spec.total or stop or guard_stop:
                     path = self.checkpoint(done)
                 if stop:
-                    raise KeyboardInterrupt
+                    raise Interrupted(f"interrupted: stopped after step {done} of {spec.total} and saved "
+                                      f"{path or latest_checkpoint(self.ckpt_root)}; to continue, run the same "
+                                      "command with --resume")
+                if guard_stop:
+                    break
+            if self.validation is not None:
+                self.validation.finish()
         finally:
             signal.signal(signal.SIGINT, previous)
             bar.close()

@@ -12,7 +12,7 @@ def ppo_clip_loss(
     clip_range: float,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate as used by Flow-GRPO / DanceGRPO (METHODS.md section 1, step 4).
+    """PPO clipped surrogate as used by Flow-GRPO / DanceGRPO (docs/reference/methods.md#flow-grpo-sde-sampling-and-ppo-clip).
 
     ``ρ = exp(log_prob − old_log_prob)``,
     ``ℓ_i = max(−A_i·ρ_i, −A_i·clip(ρ_i, 1 − ε, 1 + ε))``, optionally ``ℓ_i ← w_i·ℓ_i``
@@ -67,7 +67,7 @@ def velocity_kl(v: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
     """Velocity-space KL surrogate to a reference policy, per sample: ``mean_dims (v − v_ref)²`` (B,).
 
     The log-prob-free objectives have no SDE step whose std would turn this into
-    Flow-GRPO's ``‖v − v_ref‖²/(2σ²)`` (METHODS.md section 1, velocity form); the released
+    Flow-GRPO's ``‖v − v_ref‖²/(2σ²)`` (docs/reference/methods.md#flow-grpo-sde-sampling-and-ppo-clip, velocity form); the released
     AWM / DiffusionNFT code (Flow-Factory ``kl_type='v-based'``) uses this plain mean. Float32.
     """
     if v.shape != v_ref.shape:

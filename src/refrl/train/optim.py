@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
 from refrl.config import StrictModel
+from refrl.limits import MAX_STEPS
 
 
 class OptimConfig(StrictModel):
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
-    warmup_steps: int = Field(200, ge=0)
-    schedule: Literal["constant", "cosine"] = "cosine"
+    lr: float = Field(5e-4, gt=0, le=1, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.99), description="AdamW betas"
+    )
+    eps: float = Field(1e-8, gt=0, le=1, description="AdamW epsilon")
+    warmup_steps: int = Field(200, ge=0, le=MAX_STEPS, description="linear warmup from 0 to lr")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="lr after the warmup")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    nonfinite_limit: int = Field(
+        5, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps in a row with a non-finite loss or "
+        "gradient (each is skipped, never applied; docs/guides/reliability.md)",
+    )
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:

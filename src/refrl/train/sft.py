@@ -27,6 +27,7 @@ from pydantic import Field
 
 from refrl.config import StrictModel
 from refrl.data.schema import LoadedSample
+from refrl.limits import MAX_BATCH, MAX_REPEATS, MAX_STEPS, SEED_MAX
 from refrl.models.build import ModelConfig
 from refrl.models.policy import Policy
 from refrl.runfolder.rng import seeded_generator
@@ -34,16 +35,20 @@ from refrl.train.data import DataConfig, SampleSource
 from refrl.train.loop import Dataset, LoopSpec, TrainLoop, main_process_lock
 from refrl.train.optim import OptimConfig
 from refrl.train.run import Timer
+from refrl.train.sharding import DistributedConfig
+from refrl.train.validation import ValidationConfig
 
 
 class SFTConfig(StrictModel):
-    seed: int = 0
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(32, ge=1, description="conditions per step")
-    noise_per_condition: int = Field(4, ge=1, description="noise draws per encoded condition")
-    sigma_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="fixes data, noise and initialization")
+    steps: int = Field(3000, ge=1, le=MAX_STEPS, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="conditions per step")
+    noise_per_condition: int = Field(4, ge=1, le=MAX_REPEATS, description="noise draws per encoded condition")
+    sigma_sampling: Literal["uniform", "logit_normal"] = Field(
+        "logit_normal", description="training noise levels: U(0, 1) or sigmoid(N(logit_mean, logit_std)) (SD3)"
+    )
+    logit_mean: float = Field(0.0, description="logit_normal: mean of the normal (JiT: 0.8)")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: std of the normal (JiT: 0.8)")
     drop_text_prob: float = Field(0.1, ge=0, le=1, description="CFG training: empty prompt")
     drop_refs_prob: float = Field(0.1, ge=0, le=1, description="CFG training: no references")
     drop_both_prob: float = Field(0.0, ge=0, le=1, description="CFG training: fully unconditional")
@@ -51,16 +56,20 @@ class SFTConfig(StrictModel):
         "velocity", description="velocity: plain MSE on v; x0: the same error times sigma^2, i.e. MSE on the clean image"
     )
     x0_weight_floor: float = Field(0.05, gt=0, le=1, description="x0 weighting uses max(sigma, floor)^2")
-    mask_loss: Literal["none", "weighted", "only"] = "weighted"
+    mask_loss: Literal["none", "weighted", "only"] = Field(
+        "weighted", description="samples with a mask: none, extra weight inside it (mask_weight), or the inside only"
+    )
     mask_weight: float = Field(4.0, ge=0, description="extra loss weight inside the mask (OmniRefiner)")
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
-    keep_last: int = Field(2, ge=0, description="checkpoints kept (0 = all)")
-    log_every: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
-    trackers: list[Literal["tensorboard", "wandb"]] = []
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of the weights; checkpoints export the EMA")
+    checkpoint_every: int = Field(500, ge=1, le=MAX_STEPS, description="steps between checkpoints")
+    keep_last: int = Field(2, ge=0, le=MAX_STEPS, description="checkpoints kept (0 = all)")
+    log_every: int = Field(10, ge=1, le=MAX_STEPS, description="steps between metrics.jsonl lines")
+    trackers: list[Literal["tensorboard", "wandb"]] = Field([], description="accelerate trackers (docs/guides/logging.md)")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
+    validation: ValidationConfig = ValidationConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 def sample_sigmas(cfg: SFTConfig, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -141,7 +150,7 @@ class SFTTrainer(TrainLoop):
         loss, stats = sft_step(self.policy, self.source, self.cfg, i, self.dist.rank, self.dist.world)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = self.optimizer_step()
+        grad_norm = self.optimizer_step(loss=float(loss.detach()))
         lv = self.dist.mean_across(float(loss.detach()))
         self.running = lv if self.running is None else 0.98 * self.running + 0.02 * lv
         record = {"loss": lv, "grad_norm": grad_norm}

@@ -8,7 +8,7 @@ iterations of the config, from its initial weights (nothing is trained):
   config's objective: grpo, nft or awm).
   Independent estimates of one true gradient agree (cosine > 0) only where signal
   outweighs sampling noise; cosine ~ 0 means an optimizer step is mostly noise
-  (METHODS.md section 8 measured -0.01 on the session-2 config).
+  (docs/research/grpo.md#a-gradient-that-is-signal-not-noise: -0.01 on the first GRPO config).
 * **trained-step variance share**: each rollout is re-run with the same starting
   noise and the same ODE steps but new noise at the trained SDE steps. For a
   sample, half the squared difference of the two rewards estimates the variance

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from refrl.data.images import check_image_pixels, save_pil_png
+from refrl.data.images import check_image_pixels, max_image_pixels, save_pil_png
 from refrl.data.importers.columns import (
     DEFAULT_REFERENCE_TYPE,
     PASSTHROUGH_FIELDS,
@@ -86,6 +86,7 @@ def _to_pil_images(value: Any, base: Path | None, where: str) -> list[Image.Imag
         return [value]
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
+    max_image_pixels()  # raises Pillow's own guard to the refrl limit before Pillow opens anything
     try:
         if isinstance(value, bytes):
             image = Image.open(io.BytesIO(value))

@@ -1,6 +1,6 @@
 """RefWorld: the embedded procedural world of multi-reference composition tasks.
 
-See DESIGN.md ("The embedded world: RefWorld"). In memory: ``RefWorld(...).sample(rng)``
+See docs/research/refworld.md#refworld. In memory: ``RefWorld(...).sample(rng)``
 or ``generate(n, seed)``; on disk: ``generate_refworld_to_disk``; ``vocab.WORDS`` is
 the closed prompt vocabulary.
 """

@@ -77,7 +77,7 @@ def task_to_sample(task: Task, sample_id: str, category: str) -> LoadedSample:
 
 
 class RefWorld:
-    """The embedded world of multi-reference composition tasks (see DESIGN.md, "RefWorld").
+    """The embedded world of multi-reference composition tasks (see docs/research/refworld.md#refworld).
 
     ``level`` is the curriculum: 0 = solid subjects, medium/large sizes, plain
     backgrounds; 1 = + fill patterns (stripes, checker, dots) and small sizes;

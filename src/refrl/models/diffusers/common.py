@@ -40,6 +40,7 @@ from refrl.models.diffusers.finetune import FinetuneMixin, checkpoint_with_fresh
 from refrl.models.diffusers.options import DiffusersModelConfig
 from refrl.models.diffusers.text_cache import TextEmbeddingCache
 from refrl.models.inputs import drop_flags, resize_square
+from refrl.models.sampler import GENERIC_SAMPLER, SamplerDefaults
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,6 +74,22 @@ def resolve_device(name: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is sharded with FSDP2 (`refrl.train.sharding`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def sharded_calls(module: nn.Module, calls: int) -> int:
+    """The most transformer calls any process makes when ``module`` is sharded with FSDP2, else ``calls``."""
+    if not is_sharded(module):
+        return calls
+    t = torch.tensor([calls], device=next(module.parameters()).device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
 
 
 class DiffusersPolicy(FinetuneMixin, nn.Module):
@@ -293,6 +310,35 @@ class DiffusersPolicy(FinetuneMixin, nn.Module):
     def latent_channels(self) -> int:
         raise NotImplementedError
 
+    # the argument of the pipeline's ``__call__`` that is plain classifier-free guidance
+    # (``true_cfg_scale`` where ``guidance_scale`` is the embedded guidance of a distilled model)
+    cfg_argument: ClassVar[str] = "guidance_scale"
+    ROLLOUT_STEPS: ClassVar[int] = 10  # Flow-GRPO's training rollouts (its evaluation uses the pipeline's steps)
+
+    def _pipeline_default(self, argument: str) -> Any:
+        """The default of ``argument`` in the pipeline's ``__call__`` (None when it has none)."""
+        import inspect
+
+        param = inspect.signature(type(self.pipe).__call__).parameters.get(argument)
+        return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+    def _default_cfg_scale(self) -> float:
+        value = self._pipeline_default(self.cfg_argument)
+        return 1.0 if value is None else float(value)
+
+    def sampler_defaults(self) -> SamplerDefaults:
+        """This backend's sampler, in one place: the pipeline's ``__call__`` defaults
+        (``num_inference_steps``, the CFG argument `cfg_argument`) and its scheduler config: a
+        fixed ``shift``, or None under ``use_dynamic_shifting`` (then `pipeline_shift` of the
+        chosen steps). RL rollouts take `ROLLOUT_STEPS` steps and the same guidance."""
+        config = self.pipe.scheduler.config
+        shift = None if config.get("use_dynamic_shifting", False) else float(config.get("shift", 1.0))
+        steps = int(self._pipeline_default("num_inference_steps") or GENERIC_SAMPLER.steps)
+        cfg_scale = self._default_cfg_scale()
+        return SamplerDefaults(steps=steps, cfg_scale=cfg_scale, shift=shift, rollout_steps=self.ROLLOUT_STEPS,
+                               rollout_cfg_scale=cfg_scale,
+                               source=f"{type(self.pipe).__name__} defaults and its scheduler config")
+
     def pipeline_shift(self, steps: int) -> float:
         """The constant time shift (``sampling.shift``) that reproduces the pipeline's sigmas at
         ``model.image_size`` with ``steps`` steps: its resolution-dependent ``mu`` becomes
@@ -322,13 +368,20 @@ class DiffusersPolicy(FinetuneMixin, nn.Module):
         sigma = sigma.to(self.device_, torch.float32).reshape(b)
         counts = condition.n_refs[condition.index]
         pieces, order = [], []
-        for n in sorted(set(counts.tolist())):
+        groups = sorted(set(counts.tolist()))
+        calls = sharded_calls(self.transformer, len(groups))  # agreed before any call: FSDP2 gathers in each
+        for n in groups:
             pos = (counts == n).nonzero().flatten()
             rows = condition.index[pos]
             pos_dev = pos.to(self.device_)
             pieces.append(self._forward(tokens[pos_dev], sigma[pos_dev], self._token_grid(h, w), condition, rows, n))
             order.append(pos)
         v = torch.cat(pieces)[torch.argsort(torch.cat(order)).to(self.device_)]
+        for _ in range(calls - len(pieces)):
+            # each process runs the transformer equally often: a no-reference pass on one row, in the
+            # graph with weight 0, pairs with another process's call
+            extra = self._forward(tokens[:1], sigma[:1], self._token_grid(h, w), condition, condition.index[:1], 0)
+            v = v + 0.0 * extra.sum()
         return self._unpack(v, h, w).to(x.device, torch.float32)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, condition: DiffusersCondition) -> torch.Tensor:

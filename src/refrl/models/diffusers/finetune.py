@@ -63,6 +63,15 @@ class FinetuneMixin:
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.transformer.parameters() if p.requires_grad)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """FSDP2 sharding units, root last (`refrl.train.sharding`): each block of the
+        transformer's block lists (FLUX-type: ``transformer_blocks`` and
+        ``single_transformer_blocks``), then the transformer. Text encoder and VAE are frozen
+        and stay whole."""
+        blocks = [b for name in ("transformer_blocks", "single_transformer_blocks")
+                  for b in getattr(self.transformer, name, None) or []]
+        return [*blocks, self.transformer]
+
     @property
     def has_lora(self) -> bool:
         return self.lora_config is not None

@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from refrl.errors import RefrlError
-from refrl.models.diffusers.common import DiffusersCondition, DiffusersPolicy
+from refrl.models.diffusers.common import DiffusersCondition, DiffusersPolicy, is_sharded
 from refrl.models.diffusers.options import DiffusersModelConfig, DiffusersOptions
 from refrl.models.diffusers.text_cache import text_key
 
@@ -97,10 +97,19 @@ class Flux2KleinPolicy(DiffusersPolicy):
 
     @property
     def caches_references(self) -> bool:
-        return self.opts.ref_attention == "causal" and self.cfg.use_ref_cache
+        # Not under FSDP2 sharding: extraction runs once per reference count of a process's batch, and every
+        # process must run the transformer equally often (the causal pass without the cache is the same attention)
+        return self.opts.ref_attention == "causal" and self.cfg.use_ref_cache and not is_sharded(self.transformer)
 
     def _token_grid(self, h: int, w: int) -> tuple[int, int]:
         return h, w
+
+    def _default_cfg_scale(self) -> float:
+        """4 for klein base (the pipeline's ``guidance_scale``); 1 for a distilled checkpoint
+        (``is_distilled`` in its ``model_index.json``), for which the pipeline ignores guidance."""
+        if self.pipe.config.get("is_distilled", False):
+            return 1.0
+        return super()._default_cfg_scale()
 
     def _shift_mu(self, image_seq_len: int, steps: int) -> float:
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu

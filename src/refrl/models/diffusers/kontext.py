@@ -49,6 +49,7 @@ class KontextPolicy(DiffusersPolicy):
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     skipped_components = ("image_encoder", "feature_extractor")
     transformer_class_name = "FluxTransformer2DModel"
+    cfg_argument = "true_cfg_scale"  # guidance_scale is the distilled model's embedded guidance (model.diffusers.guidance)
     # Attention projections of the double-stream (both streams) and single-stream blocks,
     # as Flow-GRPO's FLUX LoRA.
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")

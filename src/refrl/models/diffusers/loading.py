@@ -121,13 +121,14 @@ def resolve_pretrained(source: str, components: Iterable[str], local_files_only:
         if not missing:
             return str(cached)
         if offline:
-            raise RefrlError(_missing_line(source, cached, missing) + " (offline: download them first, e.g. `hf download "
-                             f"{source}`, or set model.pretrained to a local folder)")
+            raise RefrlError(_missing_line(source, cached, missing) + " (offline: download them first, e.g. `refrl weights download "
+                             f"--config CONFIG` or `hf download {source}`, or set model.pretrained to a local folder)")
     elif offline:
         raise RefrlError(
             f"cannot load {source}: it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads "
             f"are off (HF_HUB_OFFLINE); missing {MODEL_INDEX} and the weights of {', '.join(components)} "
-            f"(download with `hf download {source}` or set model.pretrained to a local folder)"
+            f"(download with `refrl weights download --config CONFIG` or `hf download {source}`, or set model.pretrained "
+            "to a local folder)"
         )
     return source  # online: from_pretrained downloads what is missing
 

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from refrl.config import StrictModel
+from refrl.limits import MAX_IMAGE_SIZE, MAX_TOKENS
 from refrl.models.config_base import ModelOptions
 
 FORMAT = "refrl-diffusers-policy"  # the "format" of a saved adapter's config.json
@@ -24,7 +25,7 @@ class DiffusersOptions(StrictModel):
         True, description="load the text encoder(s); false = use only precomputed embeddings (model.text_cache)"
     )
     max_text_tokens: int | None = Field(
-        None, ge=1, description="text length (None: the pipeline's default, 512 for FLUX.2 and Kontext's T5)"
+        None, ge=1, le=MAX_TOKENS, description="text length (None: the pipeline's default, 512 for FLUX.2 and Kontext's T5)"
     )
     negative_prompt: str = Field("", description="the prompt of the unconditional branch (dropped text)")
     cfg_keep_refs: bool = Field(
@@ -40,13 +41,13 @@ class DiffusersOptions(StrictModel):
 class DiffusersModelConfig(ModelOptions):
     """The ``model:`` keys of every diffusers kind; a backend narrows ``kind`` and ``diffusers``."""
 
-    image_size: int = Field(32, ge=1, description="generation resolution (square)")
-    ref_size: int = Field(32, ge=1, description="references are resized to this square size")
+    image_size: int = Field(32, ge=1, le=MAX_IMAGE_SIZE, description="generation resolution (square)")
+    ref_size: int = Field(32, ge=1, le=MAX_IMAGE_SIZE, description="references are resized to this square size")
     use_ref_cache: bool = Field(True, description="cache reference keys/values across steps where the backend can")
     pretrained: str | None = Field(None, description="hub id or local pipeline folder")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
     device: str = Field("auto", description="auto = this process's GPU if any, else cpu")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="activation checkpointing of the transformer blocks")
     text_cache: str | None = Field(None, description="folder of precomputed text embeddings")
     diffusers: DiffusersOptions = DiffusersOptions()
 

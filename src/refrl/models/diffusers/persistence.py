@@ -55,9 +55,8 @@ def load_diffusers_policy(directory: str | Path, overrides: Any = None) -> Diffu
     ``overrides`` (a ModelConfig) replaces runtime settings (device, dtype, checkpointing,
     text cache, reference cache) and, when given, where the base model lives; not what
     defines the model (kind, resolution, backend options)."""
-    from safetensors.torch import load_file
-
     from refrl.config import validate_config
+    from refrl.runfolder.readers import read_safetensors as load_file  # one line if truncated
 
     directory = Path(directory)
     path = directory / CONFIG_NAME

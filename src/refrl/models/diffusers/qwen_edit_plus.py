@@ -90,6 +90,7 @@ class QwenEditPlusPolicy(DiffusersPolicy):
     pipeline_class_name = "QwenImageEditPlusPipeline"
     text_components = ("text_encoder", "tokenizer", "processor")
     transformer_class_name = "QwenImageTransformer2DModel"
+    cfg_argument = "true_cfg_scale"  # the pipeline's true CFG (guidance_scale: embedded guidance, unused by 2509)
     # Attention projections of both streams of every MMDiT block.
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 

@@ -1,7 +1,7 @@
 """What every embedded reward shares: CPU pixels in [0, 1] and the sample's style map.
 
 The embedded rewards score generated RefWorld images against the sample's
-references and ground truth (see DESIGN.md, "The embedded world"). Reference-side
+references and ground truth (see docs/research/refworld.md#refworld). Reference-side
 work (templates, style maps, background predictions) goes through the reward's
 cache (`refrl.rewards.base.BaseReward.cached`), so a GRPO group (one sample
 repeated G times) costs one computation per reference.

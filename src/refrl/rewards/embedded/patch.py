@@ -1,7 +1,7 @@
 """``patch``: OmniRefiner's patch-wise reward against the ground truth.
 
 Composed from the pure functions of ``refrl.rewards.patch`` with this package's
-feature space standing in for DreamSim (see METHODS.md section 5):
+feature space standing in for DreamSim (see docs/reference/methods.md#omnirefiner-patch-reward-and-refinement):
 
 * per-patch perceptual similarity: ``patch_cosine`` of the output's and the target's
   features (``fidelity.encode``) over ``patch x patch`` patches, clipped to [0, 1];

@@ -4,7 +4,7 @@ Nothing heavy is imported here: ``ZOO`` maps each name to ``module:class`` and
 `build_zoo` imports the module when a reward is built, so listing the names
 (``refrl.rewards.available()``) never imports transformers. ``remote:NAME`` builds
 a client of a reward served by ``refrl serve-reward NAME`` (see ``remote.py``).
-docs/rewards.md has the table: what each measures, paper, package, default checkpoint, input size, memory.
+docs/guides/rewards.md has the table: what each measures, paper, package, default checkpoint, input size, memory.
 """
 
 from __future__ import annotations

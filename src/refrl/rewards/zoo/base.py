@@ -8,7 +8,7 @@ scores them against the **prompt** (CLIP-T, PickScore, HPS, ImageReward).
 ``needs`` names what a reward reads from a sample, in this vocabulary:
 ``prompt``, ``target``, ``mask``, ``references:<type>`` (a type of
 `refrl.data.schema.REFERENCE_TYPES`). A sample lacking what the reward needs gets
-NaN, never 0 (METHODS.md section 2: NaN rewards are filled or excluded by the
+NaN, never 0 (docs/reference/methods.md#advantages-group-normalization-gdpo-missing-rewards: NaN rewards are filled or excluded by the
 advantage computation). The reference cache and the batch checks are those of
 every reward (`refrl.rewards.base.BaseReward`).
 """

@@ -49,7 +49,8 @@ def missing_weights_error(reward: str, checkpoint: str, option: str = "checkpoin
     why = f" ({_one_line(cause)})" if cause is not None else ""
     return RefrlError(
         f"reward {reward!r}: weights {checkpoint!r} are not available locally and {mode}{why}. "
-        f"Provide them: download once where there is network (`hf download {checkpoint}`) and point "
+        f"Provide them: download once where there is network (`refrl weights download --config CONFIG`, "
+        f"or `hf download {checkpoint}`) and point "
         f"{CACHE_HELP} at that cache, or pass the folder as the option {option}=/path/to/folder"
     )
 

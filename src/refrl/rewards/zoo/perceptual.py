@@ -238,7 +238,7 @@ class DreamSimReward(SimilarityReward):
             from dreamsim import dreamsim
         except ImportError:
             raise RefrlError("reward 'dreamsim' needs the dreamsim package: pip install dreamsim "
-                             "(it has no version pins; see docs/rewards.md)") from None
+                             "(it has no version pins; see docs/guides/rewards.md)") from None
         has_weights = os.path.isdir(cache_dir) and any(p.endswith("_lora") for p in os.listdir(cache_dir))
         if is_offline() and not has_weights:
             raise RefrlError(f"reward 'dreamsim': no DreamSim weights in cache_dir={cache_dir} and HF_HUB_OFFLINE is "

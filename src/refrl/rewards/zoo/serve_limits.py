@@ -26,6 +26,7 @@ class ServerLimits:
     max_connections: int = 64  # open connections (uvicorn's limit_concurrency)
     idle_timeout: float = 5.0  # s without a complete request on an open connection
     read_timeout: float = 60.0  # s to receive one request's body
+    queue_timeout: float = 30.0  # s a received request may wait for the worker (503 beyond)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -38,7 +39,7 @@ class ServerLimits:
     def describe(self) -> str:
         return (f"limits: body {self.max_body_bytes / MIB:g} MiB, {self.max_pixels} pixels per image, batches of "
                 f"{self.max_batch} images, queue {self.max_queue} requests, {self.max_connections} connections, "
-                f"idle {self.idle_timeout:g} s, body read {self.read_timeout:g} s")
+                f"idle {self.idle_timeout:g} s, body read {self.read_timeout:g} s, queue wait {self.queue_timeout:g} s")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class ServerStats:
     held_bytes: int = 0
     peak_held_bytes: int = 0
     rejected: dict[int, int] = field(default_factory=dict)
+    dropped: int = 0  # requests whose client went away before the answer
+    cancelled: int = 0  # batches whose scoring was called off (every client gone, or shutdown)
+    expired: int = 0  # requests that waited longer than queue_timeout (503)
 
 
 class DeadlineH11(H11Protocol):

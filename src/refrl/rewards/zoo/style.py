@@ -7,9 +7,10 @@ output's and the style reference's descriptors (DyRef, weight 0.8; NaN when the
 sample has no style reference).
 
 The authors publish ``checkpoint.pth`` (OpenAI CLIP names under
-``module.backbone.``) outside the Hugging Face hub; pass it as ``checkpoint=``
-(converted here to a transformers ``CLIPVisionModel``), or a folder written by
-``CsdReward.save_pretrained``.
+``module.backbone.``) outside the Hugging Face hub; the hub repo `CSD_HUB` holds the same
+weights as ``model.safetensors`` (names under ``backbone.``), the default. Pass either file
+as ``checkpoint=`` (converted here to a transformers ``CLIPVisionModel``), a hub id holding
+``model.safetensors``, or a folder written by ``CsdReward.save_pretrained``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from refrl.rewards.zoo.base import (
     resize_center_crop,
 )
 from refrl.rewards.zoo.convert import openai_clip_to_hf, strip_prefix
-from refrl.rewards.zoo.loading import load_pretrained, load_transformers
+from refrl.rewards.zoo.loading import (
+    load_pretrained,
+    load_transformers,
+    looks_like_path,
+    resolve_file,
+)
 from refrl.rewards.zoo.preference import check_missing, load_torch_state
 from refrl.runfolder.files import save_safetensors
 
@@ -38,6 +44,9 @@ CSD_BASE = "openai/clip-vit-large-patch14"  # the architecture (config only) of 
 HEAD_FILE = "csd_head.safetensors"
 STYLE_KEY = "last_layer_style"
 CSD_SOURCE = "github.com/learn2phoenix/CSD (checkpoint.pth)"
+# The default weights: the authors' checkpoint re-packaged as safetensors on the hub.
+CSD_HUB = "yuxi-liu-wired/CSD"
+CSD_HUB_FILE = "model.safetensors"
 
 
 class CsdReward(SimilarityReward):
@@ -48,11 +57,11 @@ class CsdReward(SimilarityReward):
     def __init__(self, checkpoint: str | None = None, base: str = CSD_BASE,
                  against: Literal["references", "target"] = "references", ref_type: str = "style", **common: Any):
         super().__init__(against=against, ref_type=ref_type, **common)
-        if checkpoint is None:
-            raise RefrlError(f"reward 'csd' needs checkpoint=/path/to/checkpoint.pth (CSD weights from {CSD_SOURCE}) "
-                             "or a folder written by CsdReward.save_pretrained; they are not on the Hugging Face hub")
+        checkpoint = checkpoint or CSD_HUB
         self.checkpoint = checkpoint
-        folder = Path(checkpoint)
+        folder = Path(checkpoint).expanduser()
+        if not folder.exists() and not looks_like_path(checkpoint):  # a hub id: its model.safetensors (cache first)
+            folder = resolve_file(checkpoint, CSD_HUB_FILE, self.name)
         if folder.is_dir() and (folder / HEAD_FILE).is_file():
             self.vision = load_transformers("CLIPVisionModel", str(folder), self.name, self.device, self.dtype)
             self.style_proj = load_file(folder / HEAD_FILE)[STYLE_KEY]

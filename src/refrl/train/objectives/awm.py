@@ -1,4 +1,4 @@
-"""Advantage-weighted matching (AWM; Xue et al. 2025, arXiv 2509.25050), METHODS.md section 7.
+"""Advantage-weighted matching (AWM; Xue et al. 2025, arXiv 2509.25050), docs/reference/methods.md#log-prob-free-objectives-diffusionnft-and-awm.
 
 AWM treats the flow-matching loss as a log-likelihood: ``l = −mean_dims (v − u)²``
 (optionally weighted by the time), and applies the PPO clipped surrogate to

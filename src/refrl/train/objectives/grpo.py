@@ -1,9 +1,10 @@
-"""GRPO for flow matching (Flow-GRPO, METHODS.md section 1): PPO-clip on the stored SDE steps.
+"""GRPO for flow matching (Flow-GRPO, docs/reference/methods.md#flow-grpo-sde-sampling-and-ppo-clip): PPO-clip on the stored SDE steps.
 
 For each stored step ``x -> x'`` of a rollout the log-prob is recomputed under the
 current policy, ``ρ = exp(log p − log p_old)``, and the loss is
 ``mean(max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))) + β·KL`` averaged over the steps
-(`refrl.train.losses.ppo_clip_loss`, `gaussian_mean_kl`).
+(`refrl.train.losses.ppo_clip_loss`, `gaussian_mean_kl`). With ``grpo_guard.enabled`` the clip is
+GRPO-Guard's regulated one (`refrl.train.objectives.grpo_guard`, arXiv 2510.22319).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from refrl.sampling.rollout import Rollout
 from refrl.sampling.sde import sde_step
 from refrl.train.losses import gaussian_mean_kl, ppo_clip_loss
 from refrl.train.objectives.base import MinibatchLoss, Objective
+from refrl.train.objectives.grpo_guard import (
+    guarded_ppo_loss,
+    ratio_norm_log_ratio,
+    timestep_weight,
+)
 
 
 class GRPOObjective(Objective):
@@ -44,9 +50,14 @@ class GRPOObjective(Objective):
             x, x_next = ro.latents[idx, j], ro.next_latents[idx, j]
             sigma = torch.full((x.shape[0],), s)
             logp, mean, std = self._log_prob(self.velocity(conds, x, sigma), x, x_next, s, s_next)
-            loss, st = ppo_clip_loss(logp, ro.log_probs[idx, j], adv[idx, j], cfg.clip_range,
-                                     weights=loss_weights[idx])
-            ratios.append(torch.exp(logp.detach() - ro.log_probs[idx, j]))
+            if cfg.grpo_guard.enabled:  # regulated clipping (refrl.train.objectives.grpo_guard)
+                loss, r, clipfrac = self._guarded(ro, idx, j, logp, mean, std, adv, loss_weights, s, s_next)
+                st = {"clipfrac": clipfrac}
+                ratios.append(r)
+            else:
+                loss, st = ppo_clip_loss(logp, ro.log_probs[idx, j], adv[idx, j], cfg.clip_range,
+                                         weights=loss_weights[idx])
+                ratios.append(torch.exp(logp.detach() - ro.log_probs[idx, j]))
             if ref_conds is not None:
                 _, mean_ref, _ = self._log_prob(self.reference_velocity(ref_conds, x, sigma), x, x_next, s, s_next)
                 kl = gaussian_mean_kl(mean, mean_ref, std).mean()
@@ -55,3 +66,16 @@ class GRPOObjective(Objective):
             total = total + loss / len(sde_steps)
             stats["clipfrac"].append(float(st["clipfrac"]))
         return total, torch.cat(ratios), stats
+
+    def _guarded(self, ro: Rollout, idx: torch.Tensor, j: int, logp: torch.Tensor, mean: torch.Tensor,
+                 std: torch.Tensor, adv: torch.Tensor, loss_weights: torch.Tensor, s: float, s_next: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """GRPO-Guard's loss of SDE step ``j``: PPO clip on the RatioNorm ratio, times 1/(-dt)."""
+        guard = self.cfg.grpo_guard
+        old_logp = ro.log_probs[idx, j]
+        if guard.ratio_norm:
+            log_ratio = ratio_norm_log_ratio(logp, old_logp, mean, ro.step_means[idx, j], std)
+        else:
+            log_ratio = logp - old_logp
+        weight = timestep_weight(s, s_next) if guard.reweight else 1.0
+        return guarded_ppo_loss(log_ratio, adv[idx, j], self.cfg.clip_range, weight, loss_weights[idx])

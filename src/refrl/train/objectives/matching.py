@@ -1,4 +1,4 @@
-"""What the log-prob-free objectives share (METHODS.md section 7): training on the
+"""What the log-prob-free objectives share (docs/reference/methods.md#log-prob-free-objectives-diffusionnft-and-awm): training on the
 rollouts' clean images through the forward process.
 
 For a rollout sample ``x0`` the objective draws ``K`` training times ``t`` (sigma) and

@@ -1,4 +1,4 @@
-"""DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117), METHODS.md section 7.
+"""DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117), docs/reference/methods.md#log-prob-free-objectives-diffusionnft-and-awm.
 
 Negative-aware fine-tuning on the forward process: the trained velocity ``v`` and the
 sampling policy's ``v_old`` define an implicit positive policy ``v+`` and an implicit
