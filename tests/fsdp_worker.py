@@ -5,8 +5,10 @@
 * ``units``: sharding of the tiny DiT and a tiny FLUX.2 klein twin against an unsharded
   replica in the same process: local shard sizes, gradients, one SGD step, full export,
   LoRA adapter export;
-* ``train``: SFT with ``distributed.strategy=fsdp2``, uninterrupted and interrupted+resumed;
-  then one iteration of each RL objective (full fine-tune with a KL copy, LoRA);
+* ``train``: SFT with ``distributed.strategy=fsdp2`` uninterrupted, then the same run killed
+  (SIGKILL in every process) at step 3, after the step-2 checkpoint;
+* ``resume``: a new launch resumes the killed run; then one iteration of each RL objective
+  (full fine-tune with a KL copy, LoRA);
 * ``node``: the uninterrupted SFT run alone (launched as a 2-node job).
 """
 
@@ -18,6 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import copy
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -131,13 +134,29 @@ def units(out: Path) -> dict:
     }
 
 
-def train(out: Path, node_only: bool = False) -> dict:
+def train(out: Path, mode: str) -> dict:
     from refrl.config import load_config
     from refrl.train import sft as sft_mod
     from refrl.train.grpo import GRPOConfig, train_grpo
-    from refrl.train.sft import sft_step  # noqa: F401 (patched below)
 
-    init = str(out / "full" / "checkpoints" / "step-4" / "policy")  # written below
+    if mode in ("train", "node"):
+        sft_mod.train_sft(sft_config(), out / "full")
+    if mode == "node":
+        return {}
+    if mode == "train":
+        real, calls = sft_mod.sft_step, {"n": 0}
+
+        def kill_in_step_three(*args, **kwargs):  # a real kill: no checkpoint after step 2, no clean-up
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            calls["n"] += 1
+            return real(*args, **kwargs)
+
+        sft_mod.sft_step = kill_in_step_three
+        sft_mod.train_sft(sft_config(), out / "part")
+        raise AssertionError("the run was to be killed in step 3")
+    sft_mod.train_sft(sft_config(), out / "part", resume=True)  # mode == "resume": a new launch
+    init = str(out / "full" / "checkpoints" / "step-4" / "policy")
     # Adam with eps=1 on gradients far below 1 steps like SGD (lr * g): the sharded and replicated
     # runs agree to float rounding; at the default eps the first Adam step amplifies it (sign of ~0)
     rl = [f"model.init={init}", "iterations=1", "groups_per_iteration=2", "group_size=4", "gradient_accumulation=1",
@@ -153,37 +172,15 @@ def train(out: Path, node_only: bool = False) -> dict:
             for name, extra in objectives.items() for strategy in ("fsdp2", "ddp")}
     rl_configs = {name: load_config(GRPOConfig, "configs/tiny-cpu-grpo.yaml", rl + extra)
                   for name, extra in runs.items()}  # validated before any training
-    result: dict = {}
-    sft_mod.train_sft(sft_config(), out / "full")
-    if node_only:
-        return result
-    real = sft_mod.sft_step
-    calls = {"n": 0}
-
-    def stop_in_step_three(*args, **kwargs):  # as a kill: no checkpoint after step 2
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    sft_mod.sft_step = stop_in_step_three
-    try:
-        sft_mod.train_sft(sft_config(), out / "part")
-    except KeyboardInterrupt:
-        result["interrupted"] = True
-    finally:
-        sft_mod.sft_step = real
-    result["after_kill"] = sorted(p.name for p in (out / "part" / "checkpoints").iterdir())
-    sft_mod.train_sft(sft_config(), out / "part", resume=True)
     for name, cfg in rl_configs.items():
         train_grpo(cfg, out / name)
-    return result
+    return {}
 
 
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
-    result = units(out) if mode == "units" else train(out, node_only=mode == "node")
+    result = units(out) if mode == "units" else train(out, mode)
     if dist.get_rank() == 0:
         (out / f"{mode}.json").write_text(json.dumps(result))
     dist.barrier()

@@ -152,8 +152,8 @@ def test_rollout_buffers_scale_with_the_samples_per_gpu(tiny_spec):
     assert np.isfinite(one["columns"][0]["total"])
 
 
-@pytest.mark.parametrize("which", ["tiny", "twin"])
-@pytest.mark.parametrize(("lora_rank", "checkpointing"), [(0, False), (4, True)])
+@pytest.mark.parametrize(("which", "lora_rank", "checkpointing"), [("tiny", 0, False), ("tiny", 4, False),
+                                                                   ("twin", 4, True)])
 def test_depth_extrapolation_equals_the_direct_trace(which, lora_rank, checkpointing, tiny_spec, twin_spec):
     """Tracing 1 and 2 blocks of each kind and extrapolating gives the trace of the whole model
     (to 0.1 %: the twin's shapes change a few hundred bytes of allocator-free temporaries)."""
