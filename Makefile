@@ -25,7 +25,7 @@ quickstart: $(VENV)/.installed
 	$(BIN)/refrl quickstart
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n auto --durations=15
+	$(BIN)/python -m pytest -n auto --dist loadscope --durations=15
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
