@@ -52,6 +52,14 @@ def _panels(n: int, title: str | None = None) -> tuple[Figure, list[Any]]:
     return fig, axes
 
 
+def _style_panel(ax: Any, title: str, xlabel: str) -> None:
+    """The look every panel of the report shares: small title, axis label, ticks, light grid."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
 def _png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     fig.tight_layout()
@@ -72,10 +80,7 @@ def curves_png(records: Sequence[Mapping[str, Any]], keys: Sequence[str] | None 
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="." if len(pts) < 40 else None, linewidth=1.2)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel(x_key, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _style_panel(ax, key, x_key)
     return _png(fig)
 
 
@@ -97,10 +102,7 @@ def score_vs_refs_png(evals: Mapping[str, Mapping[str, Any]], metrics: Sequence[
                 pts.sort()
                 xs, ys, es = zip(*pts, strict=True)
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2, linewidth=1.3, label=label)
-        ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("number of references", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _style_panel(ax, metric, "number of references")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     return _png(fig)
@@ -120,10 +122,7 @@ def category_vs_refs_png(records: Sequence[Mapping[str, Any]], metrics: Sequence
             pts = sorted((n, sum(v) / len(v)) for n, v in groups[category].items())
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", linewidth=1.0, label=category)
-        ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("number of references", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _style_panel(ax, metric, "number of references")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, ncol=2)
     return _png(fig)
@@ -164,10 +163,7 @@ def overlay_curves_png(series: Mapping[str, Sequence[tuple[float, Mapping[str, A
                 ax.plot(xs, ys, color=color, alpha=0.18, linewidth=0.8)
                 ys = tuple(moving_average(ys, smooth))
             ax.plot(xs, ys, color=color, linewidth=1.4, label=label)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel(x_label, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _style_panel(ax, key, x_label)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     return _png(fig)
@@ -193,10 +189,7 @@ def validation_png(records: Sequence[Mapping[str, Any]], best_step: int | None =
             at = [(x, y) for x, y, _ in pts if x == best_step]
             if at:
                 ax.scatter(*zip(*at, strict=True), marker="*", s=90, color="C2", zorder=4, label=f"best (step {best_step})")
-        ax.set_title(key[len(prefix):], fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _style_panel(ax, key[len(prefix):], "step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     return _png(fig)
