@@ -104,3 +104,11 @@ def plain() -> list:
     from refrl.data.refworld.world import RefWorld
 
     return RefWorld(level=1, categories=["subject", "subject_layout"]).generate(16, seed=22)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory) -> Path:
+    """A finished two-step SFT run folder (the CLI fault tests copy it before damaging it)."""
+    from cli_helpers import make_sft_run
+
+    return make_sft_run(tmp_path_factory.mktemp("sft_run") / "run")

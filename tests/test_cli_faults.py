@@ -22,22 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cli_helpers import ENV, GRPO_CFG, SFT_CFG, TINY_SFT, error_lines, refrl
 from PIL import Image
 
 from refrl.runfolder.lock import LOCK_FILE, lock_run_folder
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SFT_CFG = str(CONFIGS / "tiny-cpu-sft.yaml")
-GRPO_CFG = str(CONFIGS / "tiny-cpu-grpo.yaml")
-# A small SFT model: a real run folder in seconds.
-TINY_SFT = ["model.width=32", "model.depth=1", "model.heads=2", "batch_size=2", "noise_per_condition=1",
-            "data.max_refs=2", "optim.warmup_steps=0", "checkpoint_every=1", "log_every=1", "validation.every=0"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def refrl(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "refrl", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**ENV, **(env or {})}, timeout=300)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -52,10 +40,6 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 def changed(before: dict, after: dict) -> list[str]:
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-
-
-def error_lines(res: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in res.stderr.splitlines() if line.startswith("error:")]
 
 
 # --------------------------------------------------------------------------- shared inputs
@@ -88,13 +72,6 @@ def data(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory) -> Path:
-    """A finished two-step SFT run folder (copied by the cases that need one)."""
-    run = tmp_path_factory.mktemp("sft_run") / "run"
-    res = refrl("sft", "-c", SFT_CFG, "--out", str(run), "--steps", "2", *TINY_SFT, cwd=run.parent)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return run
 
 
 # --------------------------------------------------------------------------- the cases

@@ -21,33 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import ENV, GRPO_CFG, SFT_CFG, TINY_SFT, one_error, refrl
 from safetensors.torch import load_file, save_file
 
 from refrl.runfolder.files import checkpoint_write_errors
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SFT_CFG = str(CONFIGS / "tiny-cpu-sft.yaml")
-GRPO_CFG = str(CONFIGS / "tiny-cpu-grpo.yaml")
-TINY_SFT = ["model.width=32", "model.depth=1", "model.heads=2", "batch_size=2", "noise_per_condition=1",
-            "data.max_refs=2", "optim.warmup_steps=0", "checkpoint_every=1", "log_every=1", "validation.every=0",
-            "validation.keep_best=null"]  # no held-out validation: seconds, not minutes
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def refrl(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "refrl", *args], capture_output=True, text=True, cwd=cwd, env=ENV,
-                          timeout=timeout)
-
-
-def one_error(res: subprocess.CompletedProcess, code: int) -> str:
-    """The one ``error:`` line of a command that failed with ``code``."""
-    output = res.stdout + res.stderr
-    assert res.returncode == code, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, res.stderr[-3000:]
-    return errors[0]
-
 
 # --------------------------------------------------------------------------- configs: finite and bounded
 
@@ -170,13 +147,6 @@ def test_line_separators_in_a_key_keep_one_line(tmp_path):
 # --------------------------------------------------------------------------- checkpoints: one line each
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory) -> Path:
-    """A finished two-step SFT run folder (copied by the cases that damage it)."""
-    run = tmp_path_factory.mktemp("sft_run") / "run"
-    res = refrl("sft", "-c", SFT_CFG, "--out", str(run), "--steps", "2", *TINY_SFT, cwd=run.parent)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return run
 
 
 def _truncate(path: Path) -> None:
