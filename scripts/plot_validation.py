@@ -15,11 +15,14 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from refrl.runfolder.layout import METRICS_FILE
+from refrl.train.run import read_metrics
+from refrl.train.validation import LINE_KIND
+
 
 def validation_lines(run: Path) -> list[dict]:
     """The ``kind: validation`` lines of ``run/metrics.jsonl``."""
-    lines = (json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines() if s.strip())
-    return [r for r in lines if r.get("kind") == "validation"]
+    return [r for r in read_metrics(run / METRICS_FILE) if r.get("kind") == LINE_KIND]
 
 
 def best_step(run: Path) -> int | None:
